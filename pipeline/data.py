@@ -1,0 +1,487 @@
+"""Reading a dataset source, validating it, and writing the snapshot every later stage reads.
+
+Sources: the Hugging Face Hub (id + pinned revision), local files (csv, tsv with quoting off,
+jsonl, parquet, or a folder per class of .txt files), or a folder inside an installed Python
+package. Whatever the source, the snapshot has the same shape: one parquet file per named split
+with columns ``text``, optionally ``text_pair``, and ``label`` (a ``ClassLabel`` carrying the label
+names; -1 marks a split without labels, like GLUE's hidden test sets), plus ``manifest.json``
+describing what was read, removed and why.
+
+The readers are hand-written rather than ``load_dataset("csv", ...)`` because the contract needs
+errors that name the file and line of a malformed row, and TSV read with quoting off (GLUE text
+has unbalanced quotes that a quoting reader silently merges across rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import atomic_dir, read_json, write_json
+from pipeline.config import DatasetConfig
+from pipeline.errors import ConfigError, DataValidationError
+
+logger = logging.getLogger(__name__)
+
+TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
+UNLABELED = -1
+MANIFEST = "manifest.json"
+_EXTENSIONS = {"csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl", "parquet": ".parquet"}
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass
+class SourceSplit:
+    """One split as read from its source, before validation.
+
+    ``locations`` names where each row came from (``file:line``, or the file of a folder
+    corpus) so that errors can point at it; without it rows are named by their 0-based index.
+    """
+
+    name: str
+    columns: dict[str, list[Any]]
+    origin: str
+    locations: Optional[list[str]] = None
+    label_names: Optional[list[str]] = None
+
+    def where(self, row: int) -> str:
+        if self.locations is not None:
+            return self.locations[row]
+        return f"{self.origin}, row {row}"
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+@dataclass
+class Provenance:
+    source: str
+    path: str
+    subset: Optional[str]
+    revision: Optional[str]
+    files: list[str] = field(default_factory=list)
+
+
+def resolve_package_path(spec: str, revision: Optional[str] = None) -> tuple[Path, str]:
+    """``"pkg/sub/dir"`` -> (folder inside the installed package, installed version).
+
+    Raises:
+        ConfigError: the package is not installed, the folder is missing, or the installed
+            version differs from the pinned ``revision``.
+    """
+    package, _, inner = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"package '{package}' (from path '{spec}') is not installed")
+    folder = Path(list(found.submodule_search_locations)[0]) / inner
+    if not folder.is_dir():
+        raise ConfigError(f"package '{package}' has no folder '{inner}' (looked in {folder})")
+    distributions = importlib.metadata.packages_distributions().get(package, [package])
+    version = importlib.metadata.version(distributions[0])
+    if revision is not None and str(revision) != version:
+        raise ConfigError(f"package '{distributions[0]}' is version {version}, but the config "
+                          f"pins revision {revision}")
+    return folder, version
+
+
+def read_source(cfg: DatasetConfig) -> tuple[dict[str, SourceSplit], Provenance]:
+    """Read every split of the configured source into memory."""
+    if cfg.source == "hub":
+        return _read_hub(cfg)
+    if cfg.source == "package":
+        folder, version = resolve_package_path(cfg.path, cfg.revision)
+        provenance = Provenance("package", cfg.path, cfg.subset, version)
+        return _read_local(folder, cfg.format or "folders", provenance), provenance
+    path = Path(cfg.path)
+    if not path.exists():
+        raise ConfigError(f"dataset.path '{cfg.path}' does not exist")
+    provenance = Provenance("local", str(path.resolve()), cfg.subset, cfg.revision)
+    return _read_local(path, cfg.format or "", provenance), provenance
+
+
+def _read_hub(cfg: DatasetConfig) -> tuple[dict[str, SourceSplit], Provenance]:
+    if cfg.revision is None or not _COMMIT_SHA.match(str(cfg.revision)):
+        logger.warning("dataset.revision=%s is not a commit sha: the data may change under you",
+                       cfg.revision)
+    try:
+        loaded = datasets.load_dataset(cfg.path, cfg.subset, revision=cfg.revision)
+    except Exception as exc:  # the Hub client raises many types; the message is what matters
+        raise DataValidationError(f"could not load '{cfg.path}' ({cfg.subset}) at revision "
+                                  f"{cfg.revision} from the Hub: {exc}") from None
+    splits = {}
+    for name, split in loaded.items():
+        origin = f"hf://datasets/{cfg.path}@{cfg.revision}/{cfg.subset or ''}/{name}"
+        splits[name] = _from_hf_dataset(name, split, origin)
+    return splits, Provenance("hub", cfg.path, cfg.subset, cfg.revision)
+
+
+def _from_hf_dataset(name: str, split: datasets.Dataset, origin: str) -> SourceSplit:
+    names = None
+    for feature in split.features.values():
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+    return SourceSplit(name, split.to_dict(), origin, label_names=names)
+
+
+def _read_local(path: Path, fmt: str, provenance: Provenance) -> dict[str, SourceSplit]:
+    if fmt == "folders":
+        split_dirs = {d.name: d for d in sorted(path.iterdir())
+                      if d.is_dir() and d.name in ("train", "validation", "test")}
+        if "train" not in split_dirs:
+            split_dirs = {"train": path}
+        splits = {name: _read_class_folders(name, d) for name, d in split_dirs.items()}
+        provenance.files = [str(d) for d in split_dirs.values()]
+        return splits
+    suffix = _EXTENSIONS[fmt]
+    files = {"train": path} if path.is_file() else {p.stem: p for p in sorted(path.glob(f"*{suffix}"))}
+    if not files:
+        raise DataValidationError(f"{path}: no *{suffix} files (one per split, e.g. train{suffix})")
+    if "train" not in files:
+        raise DataValidationError(f"{path}: no train split; found {', '.join(files)}")
+    provenance.files = [str(p) for p in files.values()]
+    reader = {"csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl,
+              "parquet": _read_parquet}[fmt]
+    return {name: reader(name, file) for name, file in files.items()}
+
+
+def _read_delimited(name: str, path: Path) -> SourceSplit:
+    """CSV with standard quoting, or TSV with quoting off (QUOTE_NONE), header row required."""
+    tsv = path.suffix == ".tsv"
+    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ","}
+    kind = "tab" if tsv else "comma"
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle, **dialect)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataValidationError(f"{path}: file is empty (a header row is required)") from None
+        columns: dict[str, list[Any]] = {h: [] for h in header}
+        lines = []
+        start = reader.line_num + 1
+        for row in reader:
+            if not row:
+                start = reader.line_num + 1
+                continue
+            if len(row) != len(header):
+                raise DataValidationError(
+                    f"{path}:{start}: malformed row: expected {len(header)} {kind}-separated "
+                    f"fields ({', '.join(header)}), found {len(row)}")
+            for key, value in zip(header, row):
+                columns[key].append(value)
+            lines.append(f"{path}:{start}")
+            start = reader.line_num + 1
+    return SourceSplit(name, columns, str(path), locations=lines)
+
+
+def _read_jsonl(name: str, path: Path) -> SourceSplit:
+    columns: dict[str, list[Any]] = {}
+    lines = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataValidationError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise DataValidationError(f"{path}:{number}: expected a JSON object per line")
+            for key in record.keys() - columns.keys():
+                columns[key] = [None] * len(lines)
+            for key, values in columns.items():
+                values.append(record.get(key))
+            lines.append(f"{path}:{number}")
+    return SourceSplit(name, columns, str(path), locations=lines)
+
+
+def _read_parquet(name: str, path: Path) -> SourceSplit:
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataValidationError(f"{path}: not a readable parquet file: {exc}") from None
+    return _from_hf_dataset(name, datasets.Dataset(table), str(path))
+
+
+def _read_class_folders(name: str, root: Path) -> SourceSplit:
+    texts, labels, origins = [], [], []
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir()):
+        for file in sorted(class_dir.glob("*.txt")):
+            raw = file.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # Older corpora (BBC News among them) hold a few cp1252 bytes such as 0xA3 (£).
+                text = raw.decode("cp1252", errors="replace")
+                logger.warning("%s is not valid UTF-8; read it as cp1252", file)
+            texts.append(text.strip())
+            labels.append(class_dir.name)
+            origins.append(str(file))
+    if not texts:
+        raise DataValidationError(f"{root}: no <class>/*.txt files found")
+    return SourceSplit(name, {TEXT: texts, LABEL: labels}, str(root), locations=origins)
+
+
+def _label_names(cfg: DatasetConfig, splits: dict[str, SourceSplit]) -> list[str]:
+    source_names = next((s.label_names for s in splits.values() if s.label_names), None)
+    if cfg.label_names:
+        if source_names and list(cfg.label_names) != source_names:
+            raise ConfigError(f"dataset.label_names {list(cfg.label_names)} differ from the "
+                              f"label names the source declares: {source_names}")
+        return list(cfg.label_names)
+    if source_names:
+        return source_names
+    values = {v for s in splits.values() for v in s.columns.get(cfg.label_column, [])
+              if v is not None and v != "" and _as_int(v) != UNLABELED}
+    if values and all(_as_int(v) is not None for v in values):
+        return [str(v) for v in sorted({_as_int(v) for v in values})]
+    return sorted(str(v) for v in values)
+
+
+def _as_int(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return None
+
+
+def _encode_label(value: Any, names: list[str], inferred_ints: bool) -> Optional[int]:
+    """Label id for ``value``: a label name, or an integer id; UNLABELED for -1/empty."""
+    if value is None or value == "":
+        return UNLABELED
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    number = _as_int(value)
+    if number == UNLABELED:
+        return UNLABELED
+    if number is not None:
+        if inferred_ints:
+            return names.index(str(number)) if str(number) in names else None
+        return number if 0 <= number < len(names) else None
+    return None
+
+
+def validate_split(split: SourceSplit, cfg: DatasetConfig, names: list[str],
+                   inferred_ints: bool) -> dict[str, list[Any]]:
+    """Select and check the text, pair and label columns of one split.
+
+    Returns ``{"text": [...], ["text_pair": [...]], "label": [ids]}``.
+
+    Raises:
+        DataValidationError: naming the file (and line or row) of a missing column, an empty
+            or non-string text, an unknown label, or a split that is only partly labelled.
+    """
+    wanted = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    for column in wanted + [cfg.label_column]:
+        if column not in split.columns:
+            raise DataValidationError(
+                f"{split.origin}: column '{column}' not found (split '{split.name}'); columns "
+                f"are: {', '.join(split.columns) or 'none'} (set dataset.text_column, "
+                "dataset.text_pair_column or dataset.label_column)")
+    out: dict[str, list[Any]] = {}
+    for column, key in zip(wanted, (TEXT, TEXT_PAIR)):
+        values = split.columns[column]
+        for row, value in enumerate(values):
+            if not isinstance(value, str):
+                kind = "missing" if value is None else f"not a string ({value!r})"
+                raise DataValidationError(f"{split.where(row)}: column '{column}' is {kind}")
+            if not value.strip():
+                raise DataValidationError(f"{split.where(row)}: column '{column}' is empty")
+        out[key] = values
+    labels = []
+    for row, value in enumerate(split.columns[cfg.label_column]):
+        label = _encode_label(value, names, inferred_ints)
+        if label is None:
+            raise DataValidationError(
+                f"{split.where(row)}: label {value!r} in column '{cfg.label_column}' is not one "
+                f"of the label set [{', '.join(names)}]")
+        labels.append(label)
+    unlabeled = sum(1 for label in labels if label == UNLABELED)
+    if 0 < unlabeled < len(labels):
+        row = labels.index(UNLABELED)
+        raise DataValidationError(f"{split.where(row)}: row has no label in column "
+                                  f"'{cfg.label_column}', but others in split '{split.name}' do")
+    out[LABEL] = labels
+    return out
+
+
+def _row_keys(columns: dict[str, list[Any]]) -> list[tuple[str, ...]]:
+    return list(zip(*(columns[k] for k in (TEXT, TEXT_PAIR) if k in columns)))
+
+
+def drop_duplicates(columns: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str, int]]:
+    """Keep the first of rows whose text (and pair) are identical; count label conflicts."""
+    first_label: dict[tuple[str, ...], int] = {}
+    keep, conflicts = [], 0
+    for row, (key, label) in enumerate(zip(_row_keys(columns), columns[LABEL])):
+        if key in first_label:
+            conflicts += first_label[key] != label
+            continue
+        first_label[key] = label
+        keep.append(row)
+    kept = {k: [v[i] for i in keep] for k, v in columns.items()}
+    removed = len(columns[LABEL]) - len(keep)
+    return kept, {"duplicates_removed": removed, "duplicates_with_conflicting_labels": conflicts}
+
+
+def validation_split_name(names: list[str]) -> Optional[str]:
+    if "validation" in names:
+        return "validation"
+    candidates = sorted(n for n in names if n.startswith("validation"))
+    return candidates[0] if candidates else None
+
+
+def prepare_dataset(cfg: DatasetConfig, seed: int) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """Read, validate, de-duplicate and split the configured dataset.
+
+    Returns the snapshot as a ``DatasetDict`` and a manifest describing it.
+    """
+    splits, provenance = read_source(cfg)
+    if "train" not in splits:
+        raise DataValidationError(f"{cfg.path}: no 'train' split (found {', '.join(splits)})")
+    names = _label_names(cfg, splits)
+    if len(names) < 2:
+        raise DataValidationError(f"{cfg.path}: need at least 2 labels, found {names}")
+    inferred_ints = not cfg.label_names and not any(s.label_names for s in splits.values()) \
+        and all(_as_int(n) is not None for n in names)
+    report: dict[str, Any] = {"splits": {}}
+    columns = {}
+    for name, split in splits.items():
+        checked = validate_split(split, cfg, names, inferred_ints)
+        stats = {"rows_read": len(split)}
+        if cfg.deduplicate:
+            checked, dedup = drop_duplicates(checked)
+            stats.update(dedup)
+            if dedup["duplicates_removed"]:
+                logger.info("%s: removed %d duplicate rows (%d with conflicting labels)", name,
+                            dedup["duplicates_removed"], dedup["duplicates_with_conflicting_labels"])
+        columns[name] = checked
+        report["splits"][name] = stats
+
+    report["leakage"] = _handle_leakage(columns, cfg.on_leakage)
+    features = datasets.Features({TEXT: datasets.Value("string")})
+    if cfg.text_pair_column:
+        features[TEXT_PAIR] = datasets.Value("string")
+    features[LABEL] = datasets.ClassLabel(names=names)
+    dataset = datasets.DatasetDict({name: datasets.Dataset.from_dict(cols, features=features)
+                                    for name, cols in columns.items()})
+    dataset, carved = _carve_missing_splits(dataset, cfg, seed)
+    for name, split in dataset.items():
+        counts = Counter(split[LABEL])
+        entry = report["splits"].setdefault(name, {"carved_from": "train"})
+        entry["rows"] = len(split)
+        entry["labeled"] = UNLABELED not in counts
+        entry["label_counts"] = {names[k]: counts[k] for k in sorted(counts) if k != UNLABELED}
+    report.update({
+        "name": cfg.name,
+        "provenance": provenance.__dict__,
+        "label_names": names,
+        "text_pair": bool(cfg.text_pair_column),
+        "validation_split": validation_split_name(list(dataset)),
+        "carved_splits": carved,
+        "seed": seed,
+    })
+    return dataset, report
+
+
+def _handle_leakage(columns: dict[str, dict[str, list[Any]]], action: str) -> dict[str, Any]:
+    """Find eval rows whose text also appears in train; drop them from train, warn, or fail."""
+    train_keys = _row_keys(columns["train"])
+    found: dict[str, int] = {}
+    leaked: set[tuple[str, ...]] = set()
+    for name, cols in columns.items():
+        if name == "train":
+            continue
+        shared = set(_row_keys(cols)) & set(train_keys)
+        if shared:
+            found[name] = len(shared)
+            leaked |= shared
+    if not leaked:
+        return {"shared_with_train": {}, "action": action, "dropped_from_train": 0}
+    example = next(iter(leaked))[0][:80]
+    message = (f"{sum(found.values())} texts appear in train and in "
+               f"{', '.join(f'{k} ({v})' for k, v in found.items())}, e.g. {example!r}")
+    if action == "error":
+        raise DataValidationError(f"leakage: {message} (dataset.on_leakage=error)")
+    dropped = 0
+    if action == "drop":
+        keep = [i for i, key in enumerate(train_keys) if key not in leaked]
+        dropped = len(train_keys) - len(keep)
+        columns["train"] = {k: [v[i] for i in keep] for k, v in columns["train"].items()}
+    logger.warning("leakage: %s; %s", message,
+                   f"dropped {dropped} rows from train" if action == "drop" else "kept (warn)")
+    return {"shared_with_train": found, "action": action, "dropped_from_train": dropped}
+
+
+def _carve_missing_splits(dataset: datasets.DatasetDict, cfg: DatasetConfig,
+                          seed: int) -> tuple[datasets.DatasetDict, list[str]]:
+    """Make validation and test splits from train, stratified by label, where the source has none."""
+    carved = []
+    train = dataset["train"]
+    need_test = "test" not in dataset
+    need_validation = validation_split_name(list(dataset)) is None
+    if need_test:
+        train, dataset["test"] = _stratified_split(train, cfg.test_size, seed)
+        carved.append("test")
+    if need_validation:
+        # The fraction is of the original train split, whether or not test was carved first.
+        fraction = cfg.validation_size / (1 - cfg.test_size) if need_test else cfg.validation_size
+        train, dataset["validation"] = _stratified_split(train, fraction, seed)
+        carved.append("validation")
+    dataset["train"] = train
+    return dataset, carved
+
+
+def _stratified_split(split: datasets.Dataset, fraction: float,
+                      seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    try:
+        parts = split.train_test_split(test_size=fraction, stratify_by_column=LABEL, seed=seed)
+    except ValueError as exc:
+        logger.warning("stratified split impossible (%s); splitting without stratification", exc)
+        parts = split.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def save_snapshot(dataset: datasets.DatasetDict, manifest: dict[str, Any], out_dir: str) -> None:
+    """Write one parquet file per split (with HF features metadata) and the manifest, atomically."""
+    with atomic_dir(out_dir) as tmp:
+        for name, split in dataset.items():
+            split.to_parquet(str(tmp / f"{name}.parquet"))
+        write_json(tmp / MANIFEST, manifest)
+
+
+def load_snapshot(raw_dir: str) -> datasets.DatasetDict:
+    """The snapshot written by :func:`save_snapshot`, with its ClassLabel restored."""
+    root = Path(raw_dir)
+    files = sorted(root.glob("*.parquet"))
+    if not files:
+        raise DataValidationError(f"{raw_dir}: no dataset snapshot; run the download stage first")
+    return datasets.DatasetDict({f.stem: datasets.Dataset(pq.read_table(f)) for f in files})
+
+
+def load_manifest(raw_dir: str) -> dict[str, Any]:
+    return read_json(Path(raw_dir) / MANIFEST)
+
+
+def prepare_and_save(cfg: DatasetConfig, seed: int, out_dir: str) -> dict[str, Any]:
+    """Download stage, data half: build the snapshot of ``cfg`` in ``out_dir``; returns the manifest."""
+    dataset, manifest = prepare_dataset(cfg, seed)
+    for name, split in dataset.items():
+        stats = manifest["splits"][name]
+        logger.info("split %-22s %6d rows%s", name, len(split),
+                    "" if stats["labeled"] else " (no labels)")
+    save_snapshot(dataset, manifest, out_dir)
+    return manifest

@@ -1,0 +1,25 @@
+"""DVC stage `evaluate`: paths.model_dir on the labelled held-out splits -> metrics, predictions, confusion."""
+
+from pipeline import tracking
+from pipeline.artifacts import hash_path, log_inputs
+from pipeline.config import PipelineConfig
+from pipeline.evaluation import evaluate_model
+from stages.entrypoint import run_stage
+
+
+def evaluate(cfg: PipelineConfig) -> None:
+    paths = cfg.paths
+    log_inputs(paths.model_dir, paths.raw_dir, paths.tokenized_dir)
+    with tracking.model_run("evaluate", cfg, hash_path(paths.model_dir)):
+        import mlflow
+
+        metrics = evaluate_model(paths.model_dir, paths.raw_dir, paths.tokenized_dir,
+                                 paths.metrics_path, paths.predictions_dir, paths.confusion_path,
+                                 cfg.eval.primary_split, cfg.train.per_device_eval_batch_size)
+        tracking.log_metrics_by_split(metrics)
+        mlflow.log_artifact(paths.metrics_path)
+        mlflow.log_artifacts(paths.predictions_dir, artifact_path="predictions")
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", evaluate)

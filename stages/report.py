@@ -1,0 +1,21 @@
+"""DVC stage `report`: paths.report_dir (Markdown + figures) and paths.release_dir (model + model card)."""
+
+from pipeline import tracking
+from pipeline.artifacts import hash_path, log_inputs
+from pipeline.config import PipelineConfig
+from pipeline.reporting import write_report
+from stages.entrypoint import run_stage
+
+
+def report(cfg: PipelineConfig) -> None:
+    paths = cfg.paths
+    log_inputs(paths.model_dir, paths.history_path, paths.metrics_path, paths.confusion_path)
+    with tracking.model_run("report", cfg, hash_path(paths.model_dir)):
+        import mlflow
+
+        for file in write_report(cfg):
+            mlflow.log_artifact(str(file), artifact_path="report")
+
+
+if __name__ == "__main__":
+    run_stage("report", report)

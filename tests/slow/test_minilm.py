@@ -1,0 +1,62 @@
+"""Bounded checks on the real MiniLM-L6 checkpoint and the real BBC News corpus (pip packages)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.config import load_config
+from stages.download import download
+from stages.evaluate import evaluate
+from stages.tokenize import tokenize
+from stages.train import train
+from support import SHARED_GLUE, compose_params
+
+pytestmark = pytest.mark.slow
+
+PATHS = ["raw_dir", "checkpoint_dir", "tokenized_dir", "model_dir", "history_path",
+         "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
+         "checkpoints_root"]
+
+
+def config(root: Path, overrides: list[str]):
+    defaults = compose_params([])["paths"]
+    overrides = overrides + [f"paths.{k}={root / defaults[k]}" for k in PATHS]
+    return load_config(OmegaConf.create(compose_params(overrides)))
+
+
+def test_minilm_learns_bbc_news_from_a_few_hundred_articles(tmp_path):
+    """The default experiment's real model and corpus, capped to about a minute of CPU."""
+    cfg = config(tmp_path, ["tokenize.max_length=64", "train.num_train_epochs=1",
+                            "train.max_train_samples=320", "train.logging_steps=5"])
+    for stage in (download, tokenize, train, evaluate):
+        stage(cfg)
+    manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())
+    assert manifest["splits"]["train"]["duplicates_removed"] == 98
+    assert sum(s["rows"] for s in manifest["splits"].values()) == 2225 - 98
+    checkpoint = json.loads((tmp_path / "data/checkpoint/checkpoint_manifest.json").read_text())
+    assert checkpoint["model_type"] == "bert" and checkpoint["revision"] == "0.1.0"
+    metrics = json.loads((tmp_path / "metrics/metrics.json").read_text())
+    assert set(metrics["test"]) == {"accuracy", "macro_f1", "mcc", "examples"}
+    # 5 balanced-ish classes: chance is about 0.2; 20 steps on MiniLM's body reach far more.
+    assert metrics["test"]["accuracy"] > 0.6, metrics
+
+
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason=f"GLUE copies not found at {SHARED_GLUE}")
+def test_minilm_tokenizes_mrpc_pairs_with_segment_ids(tmp_path):
+    cfg = config(tmp_path, ["dataset=glue_mrpc", "dataset.source=local",
+                            f"dataset.path={SHARED_GLUE / 'mrpc'}"])
+    download(cfg)
+    tokenize(cfg)
+    validation = datasets.load_from_disk(cfg.paths.tokenized_dir)["validation"]
+    assert len(validation) == 408
+    row = validation[0]
+    assert row["token_type_ids"][0] == 0 and row["token_type_ids"][-1] == 1
+    assert len(row["input_ids"]) <= cfg.tokenize.max_length
+    stats = json.loads((Path(cfg.paths.tokenized_dir) / "tokenize_stats.json").read_text())
+    assert stats["splits"]["train"]["truncation_rate"] < 0.01  # MRPC pairs fit in 128 tokens

@@ -1,0 +1,180 @@
+"""The five stages on tiny fixtures, in process: their outputs and the one MLflow run they share."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import datasets
+import mlflow
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.config import load_config
+from pipeline.data import LABEL, load_snapshot
+from pipeline.tracking import MODEL_SHA_TAG, stage_run
+from stages.download import download
+from stages.evaluate import evaluate
+from stages.report import report
+from stages.tokenize import tokenize
+from stages.train import train
+from support import compose_params, tiny_overrides
+
+PATH_KEYS = ["raw_dir", "checkpoint_dir", "tokenized_dir", "model_dir", "history_path",
+             "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
+             "checkpoints_root"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_corpus, tiny_checkpoint):
+    """Run download -> tokenize -> train -> evaluate -> report once; share the results."""
+    root = tmp_path_factory.mktemp("chain")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    defaults = compose_params([])["paths"]
+    overrides = tiny_overrides(tiny_corpus, tiny_checkpoint)
+    overrides += [f"paths.{k}={root / defaults[k]}" for k in PATH_KEYS]
+    cfg = load_config(OmegaConf.create(compose_params(overrides)))
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        for stage in (download, tokenize, train, evaluate, report):
+            stage(cfg)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    return cfg, client, runs, uri
+
+
+def test_snapshots_hold_named_splits_labels_and_safetensors(chain):
+    cfg, *_ = chain
+    raw = load_snapshot(cfg.paths.raw_dir)
+    assert set(raw) == {"train", "validation", "test"}
+    assert raw["train"].features[LABEL].names == ["negative", "positive"]
+    checkpoint = Path(cfg.paths.checkpoint_dir)
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
+    assert not list(checkpoint.glob("*.bin"))
+
+
+def test_tokenized_data_is_unpadded_and_carries_token_type_ids(chain):
+    cfg, *_ = chain
+    tokenized = datasets.load_from_disk(cfg.paths.tokenized_dir)
+    train = tokenized["train"]
+    assert set(train.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    lengths = {len(ids) for ids in train["input_ids"]}
+    assert len(lengths) > 1, "rows were padded to one length"
+    assert max(lengths) <= cfg.tokenize.max_length
+    stats = json.loads((Path(cfg.paths.tokenized_dir) / "tokenize_stats.json").read_text())
+    assert stats["splits"]["train"]["examples"] == len(train)
+    assert 0.0 <= stats["splits"]["train"]["truncation_rate"] <= 1.0
+
+
+def test_model_has_the_data_labels_and_safetensors(chain):
+    cfg, *_ = chain
+    config = json.loads((Path(cfg.paths.model_dir) / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert (Path(cfg.paths.model_dir) / "model.safetensors").is_file()
+    pickles = [p.name for p in Path(cfg.paths.model_dir).iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+    assert not pickles, f"pickled files in the model directory: {pickles}"
+    assert not Path(cfg.paths.checkpoints_root).exists() or not any(
+        Path(cfg.paths.checkpoints_root).iterdir()), "checkpoints kept after a successful run"
+
+
+def test_metrics_predictions_and_confusion_agree(chain):
+    cfg, *_ = chain
+    metrics = json.loads(Path(cfg.paths.metrics_path).read_text())
+    assert metrics["primary_split"] == "test"
+    for split in ("validation", "test"):
+        assert set(metrics[split]) == {"accuracy", "f1", "mcc", "examples"}
+    rows = [json.loads(line) for line in
+            (Path(cfg.paths.predictions_dir) / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["test"]["examples"] == 16
+    for row in rows:
+        probabilities = row["probabilities"]
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["predicted"] == max(probabilities, key=probabilities.get)
+    accuracy = np.mean([row["predicted"] == row["label"] for row in rows])
+    assert metrics["test"]["accuracy"] == pytest.approx(accuracy)
+    with open(cfg.paths.confusion_path) as handle:
+        confusion = list(csv.DictReader(handle))
+    assert [(c["actual"], c["predicted"]) for c in confusion] == \
+        [(r["label"], r["predicted"]) for r in rows]
+
+
+def test_report_and_model_card(chain):
+    cfg, *_ = chain
+    report_dir = Path(cfg.paths.report_dir)
+    text = (report_dir / "report.md").read_text()
+    for image in ("training_curves.png", "confusion_matrix.png"):
+        assert f"({image})" in text
+        assert (report_dir / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Metrics" in text and "tiny_sentiment" in text
+    release = Path(cfg.paths.release_dir)
+    card = (release / "README.md").read_text()
+    for section in ("## Intended use", "## Training data", "## Evaluation", "## Limitations and bias"):
+        assert section in card
+    assert (release / "model.safetensors").read_bytes() == \
+        (Path(cfg.paths.model_dir) / "model.safetensors").read_bytes()
+
+
+def test_one_mlflow_run_holds_the_whole_model_history(chain):
+    cfg, client, runs, _ = chain
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stages"] == "train,evaluate,report"
+    for tag in ("git_commit", "dataset_sha256", "tokenized_sha256", "checkpoint_sha256",
+                MODEL_SHA_TAG, "dataset_revision"):
+        assert run.data.tags.get(tag), tag
+    assert run.data.params["train.learning_rate"] == "0.001"
+    assert run.data.params["model.path"] == cfg.model.path
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    assert len(client.get_metric_history(run.info.run_id, "learning_rate")) >= 2
+    assert len(client.get_metric_history(run.info.run_id, "eval_accuracy")) == 2  # per epoch
+    for metric in ("test_accuracy", "test_f1", "validation_mcc"):
+        assert metric in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert "report/report.md" in artifacts and "report/README.md" in artifacts
+
+
+def test_logged_model_loads_and_classifies_new_text(chain):
+    _, _, runs, uri = chain
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model")
+    prediction = model.predict(["the film was great and charming"])
+    assert prediction["label"][0] in {"negative", "positive"}
+    assert 0.0 <= float(prediction["score"][0]) <= 1.0
+
+
+def _fail():
+    raise RuntimeError("boom")
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+def _terminate():
+    signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stop, status", [(_fail, "FAILED"), (_interrupt, "KILLED"),
+                                          (_terminate, "KILLED")])
+def test_failed_or_stopped_run_is_not_left_running(chain, stop, status):
+    cfg, client, _, uri = chain
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # restored by the autouse fixture
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(BaseException) as raised:
+        with stage_run("train", cfg, run_name=f"doomed-{stop.__name__}") as run:
+            stop()
+    assert not isinstance(raised.value, AssertionError)
+    assert client.get_run(run.info.run_id).info.status == status
+    assert signal.getsignal(signal.SIGTERM) is handler, "the SIGTERM handler is restored"

@@ -1,0 +1,94 @@
+"""Helpers for tests that build and run a copy of the project (imported by conftest and tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_GLUE = PROJECT.parent / "shared" / "data" / "glue"
+
+
+def tiny_overrides(corpus: Path, checkpoint: Path) -> list[str]:
+    """Hydra overrides that point the default composition at the tiny fixtures."""
+    return [
+        "dataset=glue_sst2",
+        "dataset.name=tiny_sentiment",
+        "dataset.source=local",
+        f"dataset.path={corpus}",
+        "dataset.format=jsonl",
+        "dataset.revision=null",
+        "model.name=tiny_bert",
+        "model.source=local",
+        f"model.path={checkpoint}",
+        "model.revision=null",
+        "tokenize.max_length=32",
+        "train=smoke",
+        "train.num_train_epochs=2",
+        "train.learning_rate=1e-3",
+        "train.max_train_samples=null",
+        "train.max_eval_samples=null",
+    ]
+
+
+def compose_params(overrides: list[str]) -> dict:
+    """Compose conf/ exactly as DVC's Hydra integration does, resolved."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def make_project(root: Path, params: dict, with_git: bool = True) -> Path:
+    """A copy of the project (code, conf, dvc.yaml) with its own params.yaml, as a git+DVC repo."""
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("conf", "pipeline", "stages"):
+        shutil.copytree(PROJECT / name, root / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/checkpoints/\n/multirun/\n")
+    if with_git:
+        run(["git", "init", "-q"], root)
+        run(["git", "config", "user.email", "ci@example.invalid"], root)
+        run(["git", "config", "user.name", "ci"], root)
+        run([dvc_executable(), "init", "-q"], root)
+        run([dvc_executable(), "config", "core.analytics", "false"], root)
+        run(["git", "add", "-A"], root)
+        run(["git", "commit", "-qm", "project"], root)
+    return root
+
+
+def dvc_executable() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def subprocess_env(**overrides: str | None) -> dict:
+    """The test's environment, with this interpreter's bin folder first on PATH (as `make` does);
+    an override of None removes the variable."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTHONPATH", None)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                             f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done

@@ -1,0 +1,218 @@
+"""Reading, validating, de-duplicating and splitting dataset sources."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+
+from pipeline.config import DatasetConfig
+from pipeline.data import (drop_duplicates, load_manifest, load_snapshot, prepare_and_save,
+                           prepare_dataset, resolve_package_path)
+from pipeline.errors import ConfigError, DataValidationError
+
+
+def local(path: Path, fmt: str, **overrides) -> DatasetConfig:
+    fields = {"name": "t", "source": "local", "path": str(path), "format": fmt, **overrides}
+    return DatasetConfig(**fields)
+
+
+def write_tsv(path: Path, rows: list[str], header: str = "sentence1\tsentence2\tlabel") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+PAIRS = DatasetConfig(name="t", source="local", path="", format="tsv", text_column="sentence1",
+                      text_pair_column="sentence2", label_names=["no", "yes"])
+
+
+def pairs_cfg(path: Path, **overrides) -> DatasetConfig:
+    return DatasetConfig(**{**PAIRS.__dict__, "path": str(path), **overrides})
+
+
+def test_tsv_is_read_with_quoting_off(tmp_path):
+    # Unbalanced quotes, as in GLUE MRPC: a quoting reader would swallow the following rows.
+    rows = [f'" he said {i}\tthe other " text {i}\t{i % 2}' for i in range(20)]
+    write_tsv(tmp_path / "train.tsv", rows)
+    dataset, manifest = prepare_dataset(pairs_cfg(tmp_path), seed=0)
+    texts = sorted(t for split in dataset.values() for t in split["text"])
+    assert len(texts) == 20
+    assert '" he said 0' in texts
+    assert set(dataset["train"].column_names) == {"text", "text_pair", "label"}
+    assert manifest["carved_splits"] == ["test", "validation"]
+
+
+def test_malformed_tsv_row_names_file_and_line(tmp_path):
+    path = write_tsv(tmp_path / "train.tsv", ["a\tb\t1", "c\td\t0", "only two\t1", "e\tf\t1"])
+    with pytest.raises(DataValidationError, match=rf"{path}:4: malformed row: expected 3 tab-separated fields"):
+        prepare_dataset(pairs_cfg(tmp_path), seed=0)
+
+
+def test_missing_column_names_file_and_columns(tmp_path):
+    path = write_tsv(tmp_path / "train.tsv", ["a\t1"], header="sentence1\tlabel")
+    with pytest.raises(DataValidationError) as error:
+        prepare_dataset(pairs_cfg(tmp_path), seed=0)
+    message = str(error.value)
+    assert str(path) in message and "'sentence2' not found" in message
+    assert "columns are: sentence1, label" in message
+
+
+def test_empty_text_names_file_and_line(tmp_path):
+    path = write_tsv(tmp_path / "train.tsv", ["a\tb\t1", "  \td\t0"])
+    with pytest.raises(DataValidationError, match=rf"{path}:3: column 'sentence1' is empty"):
+        prepare_dataset(pairs_cfg(tmp_path), seed=0)
+
+
+def test_unknown_label_names_value_and_label_set(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine", "label": "yes"}\n{"text": "odd", "label": "maybe"}\n')
+    cfg = local(path, "jsonl", label_names=["no", "yes"])
+    with pytest.raises(DataValidationError, match=rf"{path}:2: label 'maybe' .* not one of the label set \[no, yes\]"):
+        prepare_dataset(cfg, seed=0)
+
+
+def test_integer_label_out_of_range_is_rejected(tmp_path):
+    write_tsv(tmp_path / "train.tsv", ["a\tb\t1", "c\td\t2"])
+    with pytest.raises(DataValidationError, match=r"train.tsv:3: label '2'"):
+        prepare_dataset(pairs_cfg(tmp_path), seed=0)
+
+
+def test_invalid_json_line_is_located(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1\n')
+    with pytest.raises(DataValidationError, match=rf"{path}:2: invalid JSON"):
+        prepare_dataset(local(path, "jsonl"), seed=0)
+
+
+def test_duplicates_are_removed_and_conflicts_counted():
+    columns = {"text": ["a", "b", "a", "a", "c"], "label": [0, 1, 0, 1, 0]}
+    kept, stats = drop_duplicates(columns)
+    assert kept == {"text": ["a", "b", "c"], "label": [0, 1, 0]}
+    assert stats == {"duplicates_removed": 2, "duplicates_with_conflicting_labels": 1}
+
+
+def test_pairs_are_duplicates_only_when_both_texts_match():
+    columns = {"text": ["a", "a"], "text_pair": ["x", "y"], "label": [0, 1]}
+    kept, stats = drop_duplicates(columns)
+    assert stats["duplicates_removed"] == 0 and kept == columns
+
+
+def _jsonl_splits(root: Path, splits: dict[str, list[tuple[str, str]]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        (root / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    return root
+
+
+def test_leakage_is_dropped_from_train_and_reported(tmp_path):
+    root = _jsonl_splits(tmp_path, {
+        "train": [("shared", "a"), ("only train", "b"), ("x", "a"), ("y", "b")],
+        "validation": [("shared", "a"), ("val", "b")],
+        "test": [("t1", "a"), ("t2", "b")],
+    })
+    dataset, manifest = prepare_dataset(local(root, "jsonl"), seed=0)
+    assert "shared" not in list(dataset["train"]["text"])
+    assert manifest["leakage"] == {"shared_with_train": {"validation": 1}, "action": "drop",
+                                   "dropped_from_train": 1}
+
+
+def test_leakage_can_be_an_error(tmp_path):
+    root = _jsonl_splits(tmp_path, {"train": [("shared", "a"), ("b", "b")],
+                                    "validation": [("shared", "a"), ("c", "b")]})
+    with pytest.raises(DataValidationError, match="leakage: 1 texts appear in train and in validation"):
+        prepare_dataset(local(root, "jsonl", on_leakage="error"), seed=0)
+
+
+def test_missing_splits_are_carved_stratified_and_deterministically(tmp_path):
+    rows = [(f"text {i}", "rare" if i % 5 == 0 else "common") for i in range(200)]
+    root = _jsonl_splits(tmp_path, {"train": rows})
+    cfg = local(root, "jsonl", validation_size=0.1, test_size=0.2)
+    first, manifest = prepare_dataset(cfg, seed=7)
+    again, _ = prepare_dataset(cfg, seed=7)
+    other, _ = prepare_dataset(cfg, seed=8)
+    assert {k: len(v) for k, v in first.items()} == {"train": 140, "test": 40, "validation": 20}
+    assert list(first["test"]["text"]) == list(again["test"]["text"]) != list(other["test"]["text"])
+    names = first["train"].features["label"].names
+    for split in first.values():  # every split keeps the 1:4 class ratio
+        counts = Counter(names[i] for i in split["label"])
+        assert counts["common"] == 4 * counts["rare"]
+    assert not set(first["train"]["text"]) & set(first["test"]["text"])
+    assert manifest["splits"]["test"]["carved_from"] == "train"
+
+
+def test_unlabelled_split_is_kept_with_minus_one(tmp_path):
+    root = _jsonl_splits(tmp_path, {"train": [("a", "x"), ("b", "y"), ("c", "x"), ("d", "y")],
+                                    "validation": [("e", "x"), ("f", "y")]})
+    (root / "test.jsonl").write_text('{"text": "g", "label": -1}\n{"text": "h", "label": -1}\n')
+    dataset, manifest = prepare_dataset(local(root, "jsonl"), seed=0)
+    assert list(dataset["test"]["label"]) == [-1, -1]
+    assert manifest["splits"]["test"]["labeled"] is False
+
+
+def test_partly_labelled_split_is_an_error(tmp_path):
+    root = _jsonl_splits(tmp_path, {"train": [("a", "x"), ("b", "y")]})
+    (root / "test.jsonl").write_text('{"text": "g", "label": "x"}\n{"text": "h", "label": null}\n')
+    with pytest.raises(DataValidationError, match=r"test.jsonl:2: row has no label"):
+        prepare_dataset(local(root, "jsonl"), seed=0)
+
+
+def test_class_folders_read_cp1252_files(tmp_path):
+    for label, texts in {"sport": ["goal", "match"], "tech": ["chip", "code"]}.items():
+        (tmp_path / label).mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / label / f"{i:03d}.txt").write_text(f"{text} headline\n\nbody {i}\n")
+    (tmp_path / "sport" / "002.txt").write_bytes(b"cost \xa3100\n")
+    (tmp_path / "tech" / "002.txt").write_text("code headline\n\nbody 1\n")  # duplicate text
+    dataset, manifest = prepare_dataset(local(tmp_path, "folders", validation_size=0.3,
+                                              test_size=0.3), seed=0)
+    everything = [t for split in dataset.values() for t in split["text"]]
+    assert "cost £100" in everything
+    assert manifest["splits"]["train"]["duplicates_removed"] == 1
+    assert dataset["train"].features["label"].names == ["sport", "tech"]
+
+
+def test_parquet_keeps_hub_label_names(tmp_path):
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    for split, offset in (("train", 0), ("validation", 10), ("test", 20)):
+        datasets.Dataset.from_dict({"sentence": [f"s {offset + i}" for i in range(6)],
+                                    "label": [i % 2 for i in range(6)]},
+                                   features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+    cfg = local(tmp_path, "parquet", text_column="sentence")
+    dataset, manifest = prepare_dataset(cfg, seed=0)
+    assert manifest["label_names"] == ["negative", "positive"]
+    assert manifest["carved_splits"] == []
+
+
+def test_snapshot_round_trip_is_byte_identical(tmp_path, tiny_corpus):
+    cfg = local(tiny_corpus, "jsonl", text_column="sentence")
+    prepare_and_save(cfg, 0, str(tmp_path / "a"))
+    prepare_and_save(cfg, 0, str(tmp_path / "b"))
+    for file in sorted((tmp_path / "a").iterdir()):
+        assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes(), file.name
+    snapshot = load_snapshot(str(tmp_path / "a"))
+    assert snapshot["train"].features["label"].names == ["negative", "positive"]
+    assert load_manifest(str(tmp_path / "a"))["splits"]["train"]["rows"] == 48
+
+
+def test_failed_validation_leaves_no_output(tmp_path):
+    write_tsv(tmp_path / "src" / "train.tsv", ["a\tb\t1", "broken"])
+    out = tmp_path / "raw"
+    with pytest.raises(DataValidationError):
+        prepare_and_save(pairs_cfg(tmp_path / "src"), 0, str(out))
+    assert not out.exists()
+    assert not list(tmp_path.glob(".raw*"))
+
+
+def test_package_source_checks_the_pinned_version():
+    folder, version = resolve_package_path("pipeline", None)
+    assert folder.is_dir() and version
+    with pytest.raises(ConfigError, match="is version .* but the config pins revision 0.0.1"):
+        resolve_package_path("pipeline", "0.0.1")
+    with pytest.raises(ConfigError, match="package 'no_such_package_xyz' .* is not installed"):
+        resolve_package_path("no_such_package_xyz/data")
