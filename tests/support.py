@@ -60,7 +60,7 @@ def make_project(root: Path, params: dict, with_git: bool = True) -> Path:
         run(["git", "config", "user.email", "ci@example.invalid"], root)
         run(["git", "config", "user.name", "ci"], root)
         run([dvc_executable(), "init", "-q"], root)
-        run([dvc_executable(), "config", "core.analytics", "false"], root)
+        shutil.copy(PROJECT / ".dvc" / "config", root / ".dvc" / "config")  # Hydra composition on
         run(["git", "add", "-A"], root)
         run(["git", "commit", "-qm", "project"], root)
     return root

@@ -192,7 +192,7 @@ def test_temp_experiment_reports_to_the_project_database(project, tiny_corpus, t
     """`dvc exp run --temp` composes conf/ and runs in .dvc/tmp; its run must reach mlflow.db."""
     root, env, _ = project
     experiment = root / "conf" / "experiment" / "tiny.yaml"
-    experiment.write_text(yaml.safe_dump({
+    experiment.write_text("# @package _global_\n" + yaml.safe_dump({
         "defaults": [{"override /dataset": "glue_sst2"}, {"override /train": "smoke"}],
         "dataset": {"name": "tiny_sentiment", "source": "local", "path": str(tiny_corpus),
                     "format": "jsonl", "revision": None},
@@ -200,7 +200,7 @@ def test_temp_experiment_reports_to_the_project_database(project, tiny_corpus, t
                   "revision": None},
         "tokenize": {"max_length": 32},
         "train": {"max_train_samples": None, "max_eval_samples": None},
-    }).replace("defaults:", "# @package _global_\ndefaults:", 1))
+    }, sort_keys=False))
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "tiny experiment", "--no-verify"], root)
     run([dvc_executable(), "exp", "run", "--temp", "-n", "tiny-temp", "-S", "experiment=tiny"],
