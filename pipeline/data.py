@@ -106,7 +106,7 @@ def read_source(cfg: DatasetConfig) -> tuple[dict[str, SourceSplit], Provenance]
     path = Path(cfg.path)
     if not path.exists():
         raise ConfigError(f"dataset.path '{cfg.path}' does not exist")
-    provenance = Provenance("local", str(path.resolve()), cfg.subset, cfg.revision)
+    provenance = Provenance("local", cfg.path, cfg.subset, cfg.revision)
     return _read_local(path, cfg.format or "", provenance), provenance
 
 
@@ -141,7 +141,7 @@ def _read_local(path: Path, fmt: str, provenance: Provenance) -> dict[str, Sourc
         if "train" not in split_dirs:
             split_dirs = {"train": path}
         splits = {name: _read_class_folders(name, d) for name, d in split_dirs.items()}
-        provenance.files = [str(d) for d in split_dirs.values()]
+        provenance.files = [_relative(d, path) for d in split_dirs.values()]
         return splits
     suffix = _EXTENSIONS[fmt]
     files = {"train": path} if path.is_file() else {p.stem: p for p in sorted(path.glob(f"*{suffix}"))}
@@ -149,10 +149,16 @@ def _read_local(path: Path, fmt: str, provenance: Provenance) -> dict[str, Sourc
         raise DataValidationError(f"{path}: no *{suffix} files (one per split, e.g. train{suffix})")
     if "train" not in files:
         raise DataValidationError(f"{path}: no train split; found {', '.join(files)}")
-    provenance.files = [str(p) for p in files.values()]
+    provenance.files = [_relative(p, path) for p in files.values()]
     reader = {"csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl,
               "parquet": _read_parquet}[fmt]
     return {name: reader(name, file) for name, file in files.items()}
+
+
+def _relative(file: Path, root: Path) -> str:
+    """A source file named relative to the configured path: snapshots must not depend on
+    where a machine installed or checked out the source."""
+    return file.name if file == root else str(file.relative_to(root))
 
 
 def _read_delimited(name: str, path: Path) -> SourceSplit:

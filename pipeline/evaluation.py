@@ -66,8 +66,13 @@ class Predictor:
 
     def __init__(self, model_dir: str, batch_size: int, work_dir: str):
         import torch
-        from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                                  DataCollatorWithPadding, Trainer, TrainingArguments)
+        from transformers import (
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+            DataCollatorWithPadding,
+            Trainer,
+            TrainingArguments,
+        )
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)

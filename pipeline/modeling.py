@@ -107,9 +107,10 @@ def snapshot_checkpoint(cfg: ModelConfig, out_dir: str) -> dict[str, Any]:
             origin = str(source)
             files = _copy_checkpoint_files(source, tmp)
         details = check_checkpoint(tmp, origin)
+        # No absolute paths in the manifest: the snapshot's hash must not depend on where a
+        # machine installed the package.
         manifest = {"name": cfg.name, "source": cfg.source, "path": cfg.path,
-                    "revision": revision, "origin": origin, "files": files,
-                    "sha256": hash_path(tmp), **details}
+                    "revision": revision, "files": files, "sha256": hash_path(tmp), **details}
         write_json(tmp / MANIFEST, manifest)
     logger.info("checkpoint %s (%s) from %s: %s", cfg.name, details["model_type"], origin,
                 ", ".join(files))

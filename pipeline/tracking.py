@@ -12,8 +12,9 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from pipeline.config import PipelineConfig, to_flat_dict
 

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: paths.model_dir on the labelled held-out splits -> metrics, predictions, confusion."""
+"""DVC stage `evaluate`: paths.model_dir on the labelled held-out splits -> metrics, predictions."""
 
 from pipeline import tracking
 from pipeline.artifacts import hash_path, log_inputs

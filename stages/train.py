@@ -4,6 +4,7 @@ Under Hydra multirun (`-m`) each job writes its model to its own job folder inst
 MLflow run is a child of the sweep's parent run.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def train(cfg: PipelineConfig) -> dict:
         import mlflow
 
         mlflow.set_tags(lineage)
+        # The whole resolved config, loadable as a params.yaml to reproduce this run.
+        mlflow.log_dict(dataclasses.asdict(cfg), "config/params.yaml")
         result = train_model(cfg.train, seed=cfg.seed, main_metric=cfg.dataset.main_metric,
                              checkpoint_dir=paths.checkpoint_dir, tokenized_dir=paths.tokenized_dir,
                              output_dir=str(model_dir), history_path=str(history_path),

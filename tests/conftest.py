@@ -56,10 +56,9 @@ def _vocabulary() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with a word-level tokenizer, saved like a Hub checkpoint."""
+    import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    import torch
 
     folder = tmp_path_factory.mktemp("tiny_checkpoint")
     vocab = {word: i for i, word in enumerate(_vocabulary())}

@@ -10,9 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
-from support import (PROJECT, compose_params, dvc_executable, make_project, run, subprocess_env,
-                     tiny_overrides)
+from support import PROJECT, compose_params, dvc_executable, make_project, run, subprocess_env, tiny_overrides
 
 STAGES = ["download", "tokenize", "train", "evaluate", "report"]
 

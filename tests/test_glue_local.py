@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 from omegaconf import OmegaConf
+from support import SHARED_GLUE, compose_params
 
 from pipeline.config import DatasetConfig, load_section
 from pipeline.data import prepare_dataset
-from support import SHARED_GLUE, compose_params
 
 pytestmark = pytest.mark.skipif(not SHARED_GLUE.is_dir(),
                                 reason=f"GLUE local copies not found at {SHARED_GLUE}")

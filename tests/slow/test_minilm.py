@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import datasets
 import pytest
 from omegaconf import OmegaConf
+from support import SHARED_GLUE, compose_params
 
 from pipeline.config import load_config
 from stages.download import download
 from stages.evaluate import evaluate
 from stages.tokenize import tokenize
 from stages.train import train
-from support import SHARED_GLUE, compose_params
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from support import compose_params, tiny_overrides
 
 from pipeline.config import load_config
 from pipeline.data import LABEL, load_snapshot
@@ -22,7 +23,6 @@ from stages.evaluate import evaluate
 from stages.report import report
 from stages.tokenize import tokenize
 from stages.train import train
-from support import compose_params, tiny_overrides
 
 PATH_KEYS = ["raw_dir", "checkpoint_dir", "tokenized_dir", "model_dir", "history_path",
              "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
@@ -141,6 +141,8 @@ def test_one_mlflow_run_holds_the_whole_model_history(chain):
     assert len(client.get_metric_history(run.info.run_id, "eval_accuracy")) == 2  # per epoch
     for metric in ("test_accuracy", "test_f1", "validation_mcc"):
         assert metric in run.data.metrics
+    logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config/params.yaml")
+    assert logged["train"]["learning_rate"] == 1e-3 and logged["seed"] == cfg.seed
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert "report/report.md" in artifacts and "report/README.md" in artifacts
 

@@ -10,8 +10,14 @@ import datasets
 import pytest
 
 from pipeline.config import DatasetConfig
-from pipeline.data import (drop_duplicates, load_manifest, load_snapshot, prepare_and_save,
-                           prepare_dataset, resolve_package_path)
+from pipeline.data import (
+    drop_duplicates,
+    load_manifest,
+    load_snapshot,
+    prepare_and_save,
+    prepare_dataset,
+    resolve_package_path,
+)
 from pipeline.errors import ConfigError, DataValidationError
 
 
@@ -216,3 +222,22 @@ def test_package_source_checks_the_pinned_version():
         resolve_package_path("pipeline", "0.0.1")
     with pytest.raises(ConfigError, match="package 'no_such_package_xyz' .* is not installed"):
         resolve_package_path("no_such_package_xyz/data")
+
+
+def test_csv_is_read_with_standard_quoting(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"fine, really",yes\n"said ""no""",no\nplain,yes\nother,no\n')
+    dataset, _ = prepare_dataset(local(path, "csv", validation_size=0.25, test_size=0.25), seed=0)
+    texts = {t for split in dataset.values() for t in split["text"]}
+    assert texts == {"fine, really", 'said "no"', "plain", "other"}
+
+
+def test_snapshot_does_not_depend_on_where_the_source_lives(tmp_path, tiny_corpus, monkeypatch):
+    import shutil
+
+    for machine in ("a", "bb"):
+        shutil.copytree(tiny_corpus, tmp_path / machine / "corpus")
+        monkeypatch.chdir(tmp_path / machine)
+        prepare_and_save(local(Path("corpus"), "jsonl", text_column="sentence"), 0, "raw")
+    for file in sorted((tmp_path / "a" / "raw").iterdir()):
+        assert file.read_bytes() == (tmp_path / "bb" / "raw" / file.name).read_bytes(), file.name
