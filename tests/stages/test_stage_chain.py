@@ -12,6 +12,7 @@ import datasets
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from support import compose_params, tiny_overrides
 
@@ -141,7 +142,7 @@ def test_one_mlflow_run_holds_the_whole_model_history(chain):
     assert len(client.get_metric_history(run.info.run_id, "eval_accuracy")) == 2  # per epoch
     for metric in ("test_accuracy", "test_f1", "validation_mcc"):
         assert metric in run.data.metrics
-    logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config/params.yaml")
+    logged = yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config/params.yaml"))
     assert logged["train"]["learning_rate"] == 1e-3 and logged["seed"] == cfg.seed
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert "report/report.md" in artifacts and "report/README.md" in artifacts
