@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,8 +59,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def log_inputs(*paths: str | os.PathLike) -> None:
-    """Log what a stage reads, with sizes."""
+    """Log what a stage reads, with sizes; a missing input is a clear error, not a traceback
+    from deep inside a library."""
     for path in paths:
+        if not Path(path).exists():
+            raise PipelineError(f"{path} not found: run the stage that writes it first "
+                                "(`dvc repro` runs them in order)")
         logger.info("read %s (%s)", path, human_size(dir_size(path)))
 
 

@@ -153,6 +153,16 @@ def test_bad_input_fails_in_one_line_and_leaves_no_output(project, tmp_path, kin
     assert "Traceback" not in done.stderr
 
 
+def test_a_stage_run_before_its_inputs_exist_says_which_is_missing(project, tmp_path):
+    root, env, _ = project
+    missing = tmp_path / "tokenized"
+    done = run(["python", "-m", "stages.train", f"paths.tokenized_dir={missing}"], root,
+               check=False, env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"train: error: {missing} not found: run the stage that "
+                                   "writes it first (`dvc repro` runs them in order)")
+
+
 def _imported_modules(path: Path, seen: set[str]) -> set[str]:
     """Project modules (pipeline/*, stages/*) that ``path`` imports, transitively."""
     tree = ast.parse(path.read_text())
