@@ -130,6 +130,9 @@ class TrainConfig:
         _check_choice("train", "precision", self.precision, PRECISIONS)
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate={self.learning_rate} must be positive")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            # transformers reads warmup_steps >= 1 as a step count, so a typo would go unnoticed
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.num_train_epochs <= 0:
             raise ConfigError(f"train.num_train_epochs={self.num_train_epochs} must be positive")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):

@@ -124,7 +124,9 @@ def evaluate_model(model_dir: str, raw_dir: str, tokenized_dir: str, metrics_pat
                                                   if k != "examples"))
             _write_predictions(out / f"{name}.jsonl", raw[name], predicted, probabilities, names)
             if name == primary:
-                _write_confusion(confusion_path, labels, predicted, names)
+                confusion = (labels, predicted)
+    # Metrics and plot only once every split is done: no half-evaluated outputs.
+    _write_confusion(confusion_path, *confusion, names)
     write_json(metrics_path, metrics)
     return metrics
 

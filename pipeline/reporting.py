@@ -22,12 +22,17 @@ REPORT = "report.md"
 MODEL_CARD = "README.md"
 
 
-def _plot_training(history: list[dict[str, Any]], metric: str, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only; no display on CI or GPU nodes
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_training(history: list[dict[str, Any]], metric: str, path: Path) -> None:
+    plt = _pyplot()
     steps = [(h["step"], h["loss"], h.get("learning_rate")) for h in history if "loss" in h]
     evals = [(h["epoch"], h.get(f"eval_{metric}"), h.get("eval_loss")) for h in history
              if "eval_loss" in h]
@@ -53,11 +58,7 @@ def _plot_training(history: list[dict[str, Any]], metric: str, path: Path) -> No
 
 
 def _plot_confusion(matrix: np.ndarray, names: list[str], split: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     size = 1.0 + 0.7 * len(names)
     fig, axis = plt.subplots(figsize=(size + 1.5, size))
     image = axis.imshow(matrix, cmap="Blues")

@@ -61,6 +61,11 @@ def test_invalid_choice_names_the_key_and_choices():
         validated(["train.precision=fp8"])
 
 
+def test_warmup_ratio_must_be_a_fraction():
+    with pytest.raises(ConfigError, match=r"train.warmup_ratio=1.5 must be in \[0, 1\)"):
+        validated(["train.warmup_ratio=1.5"])
+
+
 def test_unknown_group_option_lists_the_choices():
     with pytest.raises(MissingConfigException) as error:
         compose_params(["model=bert_tiny_typo"])
