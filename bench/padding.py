@@ -18,7 +18,7 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding
 
-from pipeline.config import DatasetConfig, ModelConfig
+from pipeline.config import DatasetConfig, HeadConfig, ModelConfig
 from pipeline.data import prepare_and_save
 from pipeline.modeling import build_model, load_tokenizer, snapshot_checkpoint
 from pipeline.tokenization import tokenize_dataset
@@ -48,7 +48,7 @@ def main() -> None:
             "max_length": DataCollatorWithPadding(tokenizer, padding="max_length",
                                                   max_length=args.max_length),
         }
-        model = build_model(str(work / "ckpt"), ["negative", "positive"])
+        model, _ = build_model(str(work / "ckpt"), ["negative", "positive"], HeadConfig())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         timings: dict[str, list[float]] = {name: [] for name in collators}
         tokens: dict[str, int] = {name: 0 for name in collators}

@@ -19,6 +19,12 @@ from pipeline.errors import ConfigError
 SOURCES = ("hub", "local", "package")
 LOCAL_FORMATS = ("csv", "tsv", "jsonl", "parquet", "folders")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TASKS = ("classification", "regression")
+CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman")
+STRATEGIES = ("finetune", "head_only", "two_phase")
+HEADS = ("auto", "pooled")
+POOLINGS = ("cls", "mean")
 
 
 def _check_choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -52,7 +58,10 @@ class DatasetConfig:
 
     ``path`` is a Hub dataset id (source=hub), a file or folder (source=local), or
     ``<import name>/<folder inside the package>`` (source=package). ``revision`` pins a Hub
-    commit, or the installed version of a package.
+    commit, or the installed version of a package. ``task`` is classification (labels are names
+    or ids) or regression (labels are numbers, like GLUE STS-B's similarity scores). ``metrics``
+    lists what evaluation reports (null: the task's usual set); ``id_column`` and
+    ``submission_name`` let unlabelled test splits be written as GLUE submission files.
     """
 
     name: str = "???"
@@ -65,7 +74,12 @@ class DatasetConfig:
     text_pair_column: Optional[str] = None
     label_column: str = "label"
     label_names: Optional[list[str]] = None
+    task: str = "classification"
     main_metric: str = "accuracy"
+    metrics: Optional[list[str]] = None
+    id_column: Optional[str] = None
+    submission_name: Optional[str] = None
+    submission_labels: str = "ids"
     validation_size: float = 0.1
     test_size: float = 0.1
     deduplicate: bool = True
@@ -79,8 +93,17 @@ class DatasetConfig:
             raise ConfigError("dataset.format must be set for a local source "
                               f"(one of {', '.join(LOCAL_FORMATS)})")
         _check_choice("dataset", "on_leakage", self.on_leakage, ("drop", "warn", "error"))
-        _check_choice("dataset", "main_metric", self.main_metric,
-                      ("accuracy", "f1", "macro_f1", "mcc"))
+        _check_choice("dataset", "task", self.task, TASKS)
+        known = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS
+        _check_choice("dataset", "main_metric", self.main_metric, known)
+        for metric in self.metrics or []:
+            _check_choice("dataset", "metrics", metric, known)
+        if self.metrics and self.main_metric not in self.metrics:
+            raise ConfigError(f"dataset.main_metric={self.main_metric} is not in dataset.metrics "
+                              f"{list(self.metrics)}")
+        _check_choice("dataset", "submission_labels", self.submission_labels, ("ids", "names"))
+        if self.task == "regression" and self.label_names:
+            raise ConfigError("dataset.label_names must be null for a regression task")
         _check_fraction("dataset", "validation_size", self.validation_size)
         _check_fraction("dataset", "test_size", self.test_size)
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
@@ -101,6 +124,29 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """The task head on the pretrained body.
+
+    ``auto``: the checkpoint's own ``...ForSequenceClassification`` head. ``pooled``: a head on
+    the headless ``AutoModel``: pool the last hidden states (``cls`` token or ``mean`` over the
+    attention mask), then ``hidden_sizes`` dense layers (GELU) with ``dropout``, then the output.
+    """
+
+    type: str = "auto"
+    pooling: str = "cls"
+    hidden_sizes: list[int] = field(default_factory=list)
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_choice("head", "type", self.type, HEADS)
+        _check_choice("head", "pooling", self.pooling, POOLINGS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"head.dropout={self.dropout} must be in [0, 1)")
+        if any(size < 1 for size in self.hidden_sizes):
+            raise ConfigError(f"head.hidden_sizes={list(self.hidden_sizes)} must be positive")
+
+
+@dataclass(frozen=True)
 class TokenizeConfig:
     max_length: int = 128
 
@@ -111,6 +157,12 @@ class TokenizeConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Trainer settings. ``strategy``: ``finetune`` trains every weight; ``head_only`` freezes
+    the pretrained body and trains only the new head (transfer learning); ``two_phase`` trains
+    the head alone for ``head_epochs`` at ``head_learning_rate``, then everything for
+    ``num_train_epochs`` at ``learning_rate``."""
+
+    strategy: str = "finetune"
     learning_rate: float = 5e-5
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 16
@@ -125,11 +177,15 @@ class TrainConfig:
     keep_checkpoints: bool = False
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    head_learning_rate: float = 1e-3
+    head_epochs: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_choice("train", "strategy", self.strategy, STRATEGIES)
         _check_choice("train", "precision", self.precision, PRECISIONS)
-        if self.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate={self.learning_rate} must be positive")
+        for key in ("learning_rate", "head_learning_rate", "head_epochs"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
         if not 0.0 <= self.warmup_ratio < 1.0:
             # transformers reads warmup_steps >= 1 as a step count, so a typo would go unnoticed
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
@@ -164,6 +220,7 @@ class PipelineConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -207,6 +264,7 @@ _SECTIONS: dict[str, type] = {
     "paths": PathsConfig,
     "dataset": DatasetConfig,
     "model": ModelConfig,
+    "head": HeadConfig,
     "tokenize": TokenizeConfig,
     "train": TrainConfig,
     "eval": EvalConfig,

@@ -3,8 +3,9 @@
 Sources: the Hugging Face Hub (id + pinned revision), local files (csv, tsv with quoting off,
 jsonl, parquet, or a folder per class of .txt files), or a folder inside an installed Python
 package. Whatever the source, the snapshot has the same shape: one parquet file per named split
-with columns ``text``, optionally ``text_pair``, and ``label`` (a ``ClassLabel`` carrying the label
-names; -1 marks a split without labels, like GLUE's hidden test sets), plus ``manifest.json``
+with columns ``text``, optionally ``text_pair``, ``label`` (a ``ClassLabel`` carrying the label
+names, or a float32 score for regression; -1 marks a split without labels, like GLUE's hidden
+test sets) and, where configured, ``idx`` (the source's row ids), plus ``manifest.json``
 describing what was read, removed and why.
 
 The readers are hand-written rather than ``load_dataset("csv", ...)`` because the contract needs
@@ -17,7 +18,6 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import re
 from collections import Counter
@@ -28,13 +28,13 @@ from typing import Any, Optional
 import datasets
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import atomic_dir, read_json, write_json
+from pipeline.artifacts import atomic_dir, iter_jsonl, read_json, write_json
 from pipeline.config import DatasetConfig
 from pipeline.errors import ConfigError, DataValidationError
 
 logger = logging.getLogger(__name__)
 
-TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
+TEXT, TEXT_PAIR, LABEL, IDX = "text", "text_pair", "label", "idx"
 UNLABELED = -1
 MANIFEST = "manifest.json"
 _EXTENSIONS = {"csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl", "parquet": ".parquet"}
@@ -193,21 +193,12 @@ def _read_delimited(name: str, path: Path) -> SourceSplit:
 def _read_jsonl(name: str, path: Path) -> SourceSplit:
     columns: dict[str, list[Any]] = {}
     lines = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataValidationError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DataValidationError(f"{path}:{number}: expected a JSON object per line")
-            for key in record.keys() - columns.keys():
-                columns[key] = [None] * len(lines)
-            for key, values in columns.items():
-                values.append(record.get(key))
-            lines.append(f"{path}:{number}")
+    for number, record in iter_jsonl(path):
+        for key in record.keys() - columns.keys():
+            columns[key] = [None] * len(lines)
+        for key, values in columns.items():
+            values.append(record.get(key))
+        lines.append(f"{path}:{number}")
     return SourceSplit(name, columns, str(path), locations=lines)
 
 
@@ -239,6 +230,8 @@ def _read_class_folders(name: str, root: Path) -> SourceSplit:
 
 
 def _label_names(cfg: DatasetConfig, splits: dict[str, SourceSplit]) -> list[str]:
+    if cfg.task == "regression":
+        return []
     source_names = next((s.label_names for s in splits.values() if s.label_names), None)
     if cfg.label_names:
         if source_names and list(cfg.label_names) != source_names:
@@ -280,23 +273,38 @@ def _encode_label(value: Any, names: list[str], inferred_ints: bool) -> Optional
     return None
 
 
+def _encode_score(value: Any) -> Optional[float]:
+    """A regression target: a number or a numeric string; UNLABELED for a missing value."""
+    if value is None or value == "":
+        return float(UNLABELED)
+    if isinstance(value, bool):
+        return None
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        return None
+    return score if score == score and abs(score) != float("inf") else None
+
+
 def validate_split(split: SourceSplit, cfg: DatasetConfig, names: list[str],
                    inferred_ints: bool) -> dict[str, list[Any]]:
-    """Select and check the text, pair and label columns of one split.
+    """Select and check the text, pair, label (and id) columns of one split.
 
-    Returns ``{"text": [...], ["text_pair": [...]], "label": [ids]}``.
+    Returns ``{"text": [...], ["text_pair": [...]], "label": [ids or scores], ["idx": [...]]}``.
 
     Raises:
         DataValidationError: naming the file (and line or row) of a missing column, an empty
-            or non-string text, an unknown label, or a split that is only partly labelled.
+            or non-string text, an unknown label or non-numeric score, or a split that is only
+            partly labelled.
     """
     wanted = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    for column in wanted + [cfg.label_column]:
+    required = wanted + [cfg.label_column] + ([cfg.id_column] if cfg.id_column else [])
+    for column in required:
         if column not in split.columns:
             raise DataValidationError(
                 f"{split.origin}: column '{column}' not found (split '{split.name}'); columns "
                 f"are: {', '.join(split.columns) or 'none'} (set dataset.text_column, "
-                "dataset.text_pair_column or dataset.label_column)")
+                "dataset.text_pair_column, dataset.label_column or dataset.id_column)")
     out: dict[str, list[Any]] = {}
     for column, key in zip(wanted, (TEXT, TEXT_PAIR)):
         values = split.columns[column]
@@ -309,18 +317,40 @@ def validate_split(split: SourceSplit, cfg: DatasetConfig, names: list[str],
         out[key] = values
     labels = []
     for row, value in enumerate(split.columns[cfg.label_column]):
-        label = _encode_label(value, names, inferred_ints)
+        if cfg.task == "regression":
+            label = _encode_score(value)
+            expected = "a number (dataset.task=regression)"
+        else:
+            label = _encode_label(value, names, inferred_ints)
+            expected = f"one of the label set [{', '.join(names)}]"
         if label is None:
-            raise DataValidationError(
-                f"{split.where(row)}: label {value!r} in column '{cfg.label_column}' is not one "
-                f"of the label set [{', '.join(names)}]")
+            raise DataValidationError(f"{split.where(row)}: label {value!r} in column "
+                                      f"'{cfg.label_column}' is not {expected}")
         labels.append(label)
+    if cfg.task == "regression" and any(label != UNLABELED for label in labels):
+        # -1 is a real score in some regression data; only a split that is all -1 (GLUE's
+        # hidden STS-B test set) is unlabelled.
+        if all(value not in (None, "") for value in split.columns[cfg.label_column]):
+            out[LABEL] = labels
+            return _with_ids(out, split, cfg)
     unlabeled = sum(1 for label in labels if label == UNLABELED)
     if 0 < unlabeled < len(labels):
         row = labels.index(UNLABELED)
         raise DataValidationError(f"{split.where(row)}: row has no label in column "
                                   f"'{cfg.label_column}', but others in split '{split.name}' do")
     out[LABEL] = labels
+    return _with_ids(out, split, cfg)
+
+
+def _with_ids(out: dict[str, list[Any]], split: SourceSplit,
+              cfg: DatasetConfig) -> dict[str, list[Any]]:
+    if cfg.id_column:
+        ids = split.columns[cfg.id_column]
+        for row, value in enumerate(ids):
+            if _as_int(value) is None:
+                raise DataValidationError(f"{split.where(row)}: id {value!r} in column "
+                                          f"'{cfg.id_column}' is not an integer")
+        out[IDX] = [_as_int(value) for value in ids]
     return out
 
 
@@ -343,6 +373,16 @@ def drop_duplicates(columns: dict[str, list[Any]]) -> tuple[dict[str, list[Any]]
     return kept, {"duplicates_removed": removed, "duplicates_with_conflicting_labels": conflicts}
 
 
+def is_labeled(split: datasets.Dataset) -> bool:
+    """False for a split without labels (every label is -1, like GLUE's hidden test sets)."""
+    return len(split) > 0 and any(label != UNLABELED for label in split[LABEL])
+
+
+def is_regression(split: datasets.Dataset, column: str = LABEL) -> bool:
+    """True when the split's labels are scores rather than a ``ClassLabel``."""
+    return not isinstance(split.features[column], datasets.ClassLabel)
+
+
 def validation_split_name(names: list[str]) -> Optional[str]:
     if "validation" in names:
         return "validation"
@@ -359,7 +399,7 @@ def prepare_dataset(cfg: DatasetConfig, seed: int) -> tuple[datasets.DatasetDict
     if "train" not in splits:
         raise DataValidationError(f"{cfg.path}: no 'train' split (found {', '.join(splits)})")
     names = _label_names(cfg, splits)
-    if len(names) < 2:
+    if cfg.task == "classification" and len(names) < 2:
         raise DataValidationError(f"{cfg.path}: need at least 2 labels, found {names}")
     inferred_ints = not cfg.label_names and not any(s.label_names for s in splits.values()) \
         and all(_as_int(n) is not None for n in names)
@@ -368,7 +408,9 @@ def prepare_dataset(cfg: DatasetConfig, seed: int) -> tuple[datasets.DatasetDict
     for name, split in splits.items():
         checked = validate_split(split, cfg, names, inferred_ints)
         stats = {"rows_read": len(split)}
-        if cfg.deduplicate:
+        labeled = any(label != UNLABELED for label in checked[LABEL])
+        # An unlabelled split keeps every row: a submission needs a prediction for each id.
+        if cfg.deduplicate and labeled:
             checked, dedup = drop_duplicates(checked)
             stats.update(dedup)
             if dedup["duplicates_removed"]:
@@ -381,18 +423,27 @@ def prepare_dataset(cfg: DatasetConfig, seed: int) -> tuple[datasets.DatasetDict
     features = datasets.Features({TEXT: datasets.Value("string")})
     if cfg.text_pair_column:
         features[TEXT_PAIR] = datasets.Value("string")
-    features[LABEL] = datasets.ClassLabel(names=names)
+    regression = cfg.task == "regression"
+    features[LABEL] = datasets.Value("float32") if regression else datasets.ClassLabel(names=names)
+    if cfg.id_column:
+        features[IDX] = datasets.Value("int64")
     dataset = datasets.DatasetDict({name: datasets.Dataset.from_dict(cols, features=features)
                                     for name, cols in columns.items()})
     dataset, carved = _carve_missing_splits(dataset, cfg, seed)
     for name, split in dataset.items():
-        counts = Counter(split[LABEL])
         entry = report["splits"].setdefault(name, {"carved_from": "train"})
         entry["rows"] = len(split)
-        entry["labeled"] = UNLABELED not in counts
-        entry["label_counts"] = {names[k]: counts[k] for k in sorted(counts) if k != UNLABELED}
+        entry["labeled"] = is_labeled(split)
+        if regression and entry["labeled"]:
+            scores = list(split[LABEL])
+            entry["label_range"] = [round(min(scores), 4), round(max(scores), 4)]
+            entry["label_mean"] = round(sum(scores) / len(scores), 4)
+        elif not regression:
+            counts = Counter(split[LABEL])
+            entry["label_counts"] = {names[k]: counts[k] for k in sorted(counts) if k != UNLABELED}
     report.update({
         "name": cfg.name,
+        "task": cfg.task,
         "provenance": provenance.__dict__,
         "label_names": names,
         "text_pair": bool(cfg.text_pair_column),
@@ -437,22 +488,25 @@ def _carve_missing_splits(dataset: datasets.DatasetDict, cfg: DatasetConfig,
     """Make validation and test splits from train, stratified by label, where the source has none."""
     carved = []
     train = dataset["train"]
-    need_test = "test" not in dataset
+    need_test = not any(name.startswith("test") for name in dataset)
     need_validation = validation_split_name(list(dataset)) is None
     if need_test:
-        train, dataset["test"] = _stratified_split(train, cfg.test_size, seed)
+        train, dataset["test"] = _stratified_split(train, cfg.test_size, seed, cfg.task)
         carved.append("test")
     if need_validation:
         # The fraction is of the original train split, whether or not test was carved first.
         fraction = cfg.validation_size / (1 - cfg.test_size) if need_test else cfg.validation_size
-        train, dataset["validation"] = _stratified_split(train, fraction, seed)
+        train, dataset["validation"] = _stratified_split(train, fraction, seed, cfg.task)
         carved.append("validation")
     dataset["train"] = train
     return dataset, carved
 
 
-def _stratified_split(split: datasets.Dataset, fraction: float,
-                      seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _stratified_split(split: datasets.Dataset, fraction: float, seed: int,
+                      task: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if task == "regression":
+        parts = split.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
     try:
         parts = split.train_test_split(test_size=fraction, stratify_by_column=LABEL, seed=seed)
     except ValueError as exc:

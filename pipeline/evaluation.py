@@ -1,5 +1,8 @@
 """Metrics and the evaluate stage: predictions, probabilities, metrics and a confusion matrix.
 
+Labelled splits get the task's metrics; unlabelled splits (GLUE's hidden test sets) get
+predictions and a GLUE submission file.
+
 Metrics come from scikit-learn: ``evaluate.load`` fetches metric scripts from the Hub at run
 time, which a pipeline that must re-run offline cannot depend on.
 """
@@ -11,44 +14,103 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import datasets
 import numpy as np
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from pipeline.artifacts import atomic_dir, atomic_file, write_json
-from pipeline.data import LABEL, TEXT, TEXT_PAIR, UNLABELED, load_snapshot
-from pipeline.errors import DataValidationError
+from pipeline.data import (
+    IDX,
+    LABEL,
+    TEXT,
+    TEXT_PAIR,
+    is_labeled,
+    is_regression,
+    load_snapshot,
+    validation_split_name,
+)
+from pipeline.config import REGRESSION_METRICS
+from pipeline.errors import ConfigError, DataValidationError
+from pipeline.inference import load_classifier, postprocess
 from pipeline.tokenization import LABELS
 
 logger = logging.getLogger(__name__)
 
 
-def compute_metrics(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> dict[str, float]:
-    """Accuracy and MCC always; F1 of the positive class for two labels, macro-F1 for more."""
-    metrics = {"accuracy": float(accuracy_score(labels, predictions))}
-    if num_labels == 2:
-        metrics["f1"] = float(f1_score(labels, predictions, average="binary", zero_division=0))
+def _f1(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
+    return float(f1_score(labels, predictions, average="binary", zero_division=0))
+
+
+def _macro_f1(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
+    return float(f1_score(labels, predictions, average="macro", labels=list(range(num_labels)),
+                          zero_division=0))
+
+
+def _correlation(function):
+    def metric(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> Optional[float]:
+        if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
+            return None  # undefined for constant input (JSON null, not NaN)
+        return float(function(labels, predictions)[0])
+    return metric
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], Optional[float]]] = {
+    "accuracy": lambda labels, predictions, n: float(accuracy_score(labels, predictions)),
+    "f1": _f1,  # of the positive class (label id 1): GLUE's F1 for MRPC and QQP
+    "macro_f1": _macro_f1,
+    "mcc": lambda labels, predictions, n: float(matthews_corrcoef(labels, predictions)),
+    "pearson": _correlation(pearsonr),
+    "spearman": _correlation(spearmanr),
+}
+
+
+def task_metrics(configured: Optional[Sequence[str]], main_metric: str, num_labels: int,
+                 regression: bool) -> list[str]:
+    """The metrics to compute: ``dataset.metrics``, or the task's usual set when it is null
+    (regression: Pearson and Spearman; two labels: accuracy, F1, MCC; more: macro-F1 for F1).
+
+    Raises:
+        ConfigError: a metric that does not fit the data (F1 of the positive class with more
+            than two labels, a correlation for labels), or a main metric not computed.
+    """
+    if configured:
+        names = list(configured)
+    elif regression:
+        names = ["pearson", "spearman"]
     else:
-        metrics["macro_f1"] = float(f1_score(labels, predictions, average="macro",
-                                             labels=list(range(num_labels)), zero_division=0))
-    metrics["mcc"] = float(matthews_corrcoef(labels, predictions))
-    return metrics
+        names = ["accuracy", "f1" if num_labels == 2 else "macro_f1", "mcc"]
+    for name in names:
+        if regression != (name in REGRESSION_METRICS):
+            kind = "a regression task" if regression else "classification"
+            raise ConfigError(f"dataset.metrics: {name} does not apply to {kind}")
+        if name == "f1" and num_labels != 2:
+            raise ConfigError(f"dataset.metrics: f1 is the F1 of the positive class of two labels; "
+                              f"the data has {num_labels} labels: use macro_f1")
+    if main_metric not in names:
+        raise ConfigError(f"dataset.main_metric={main_metric} is not among the metrics computed "
+                          f"for this data: {', '.join(names)}")
+    return names
 
 
-def trainer_metrics(eval_prediction, num_labels: int) -> dict[str, float]:
+def compute_metrics(labels: np.ndarray, predictions: np.ndarray, metrics: Sequence[str],
+                    num_labels: int) -> dict[str, Optional[float]]:
+    """``metrics`` of ``predictions`` (label ids, or scores for regression) against ``labels``."""
+    return {name: METRICS[name](labels, predictions, num_labels) for name in metrics}
+
+
+def trainer_metrics(eval_prediction, metrics: Sequence[str], num_labels: int) -> dict[str, float]:
     """``compute_metrics`` in the form ``Trainer`` calls it (logits and label ids)."""
     logits, labels = eval_prediction.predictions, eval_prediction.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
-    return compute_metrics(labels, np.argmax(logits, axis=-1), num_labels)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    predictions = logits[:, 0] if num_labels == 1 else np.argmax(logits, axis=-1)
+    # Trainer cannot compare None when picking the best checkpoint: an undefined correlation
+    # (constant predictions) counts as no correlation.
+    return {k: 0.0 if v is None else v
+            for k, v in compute_metrics(labels, predictions, metrics, num_labels).items()}
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> np.ndarray:
@@ -66,16 +128,10 @@ class Predictor:
 
     def __init__(self, model_dir: str, batch_size: int, work_dir: str):
         import torch
-        from transformers import (
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-            DataCollatorWithPadding,
-            Trainer,
-            TrainingArguments,
-        )
+        from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        model, tokenizer = load_classifier(model_dir)
+        self.regression = model.config.problem_type == "regression"
         self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         args = TrainingArguments(output_dir=work_dir, per_device_eval_batch_size=batch_size,
                                  report_to="none", use_cpu=not torch.cuda.is_available())
@@ -91,66 +147,116 @@ class Predictor:
 
 def evaluate_model(model_dir: str, raw_dir: str, tokenized_dir: str, metrics_path: str,
                    predictions_dir: str, confusion_path: str, primary_split: str,
-                   batch_size: int) -> dict[str, Any]:
-    """Predict every labelled split except train; write metrics, predictions and a confusion matrix.
+                   batch_size: int, metrics: Optional[Sequence[str]] = None,
+                   main_metric: str = "accuracy", submission_name: Optional[str] = None,
+                   submission_labels: str = "ids") -> dict[str, Any]:
+    """Predict every split except train; write predictions, metrics and a confusion matrix.
 
-    Returns the metrics keyed by split; ``primary_split`` names the headline split, whose
-    confusion matrix is written.
+    Labelled splits get ``metrics`` (null: the task's usual set); unlabelled ones (GLUE's hidden
+    test sets) get predictions only and, with ``submission_name``, a GLUE submission file in
+    ``predictions_dir/submission``. Returns the metrics keyed by split; ``primary_split`` names
+    the headline split, whose confusion matrix is written.
     """
     raw = load_snapshot(raw_dir)
     tokenized = datasets.load_from_disk(tokenized_dir)
-    splits = [name for name in raw if name != "train" and UNLABELED not in raw[name][LABEL][:1]]
-    if not splits:
+    splits = [name for name in raw if name != "train"]
+    labeled = [name for name in splits if is_labeled(raw[name])]
+    if not labeled:
         raise DataValidationError(f"{raw_dir}: no labelled split besides train to evaluate on")
-    if primary_split in splits:
+    if primary_split in labeled:
         primary = primary_split
     else:
-        primary = "validation" if "validation" in splits else splits[0]
-    metrics: dict[str, Any] = {"primary_split": primary}
+        primary = validation_split_name(labeled) or labeled[0]
+    results: dict[str, Any] = {"primary_split": primary}
+    regression = is_regression(raw["train"])
     with tempfile.TemporaryDirectory() as scratch, atomic_dir(predictions_dir) as out:
         predictor = Predictor(model_dir, batch_size, scratch)
         names = predictor.label_names
-        snapshot_names = raw["train"].features[LABEL].names
-        if names != snapshot_names:
+        expected = ["score"] if regression else raw["train"].features[LABEL].names
+        if names != expected or predictor.regression != regression:
             raise DataValidationError(f"{model_dir} was trained for labels {names}, but "
-                                      f"{raw_dir} has {snapshot_names}: re-run the train stage")
+                                      f"{raw_dir} has {expected}: re-run the train stage")
+        metric_names = task_metrics(metrics, main_metric, len(names), regression)
         for name in splits:
-            probabilities = softmax(predictor.logits(tokenized[name]))
-            predicted = probabilities.argmax(axis=-1)
+            logits = predictor.logits(tokenized[name])
+            records = postprocess(logits, names, regression)
+            gold = _gold(raw[name], names, regression) if name in labeled else None
+            _write_predictions(out / f"{name}.jsonl", raw[name], records, gold)
+            if name not in labeled:
+                if submission_name:
+                    _write_submission(out / SUBMISSION_DIR, submission_name, name, raw[name],
+                                      records, names, submission_labels)
+                logger.info("%s: %d predictions (no labels)", name, len(records))
+                continue
             labels = np.asarray(raw[name][LABEL])
-            metrics[name] = {**compute_metrics(labels, predicted, len(names)),
+            predicted = logits[:, 0] if regression else logits.argmax(axis=-1)
+            results[name] = {**compute_metrics(labels, predicted, metric_names, len(names)),
                              "examples": int(len(labels))}
-            logger.info("%s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in metrics[name].items()
-                                                  if k != "examples"))
-            _write_predictions(out / f"{name}.jsonl", raw[name], predicted, probabilities, names)
+            logger.info("%s: %s", name, ", ".join(f"{k}={v}" for k, v in results[name].items()))
             if name == primary:
                 confusion = (labels, predicted)
     # Metrics and plot only once every split is done: no half-evaluated outputs.
-    _write_confusion(confusion_path, *confusion, names)
-    write_json(metrics_path, metrics)
-    return metrics
+    _write_confusion(confusion_path, *confusion, names, regression)
+    write_json(metrics_path, results)
+    return results
 
 
-def _write_predictions(path: Path, split, predicted: np.ndarray, probabilities: np.ndarray,
-                       names: list[str]) -> None:
-    """One JSON object per row: the input, its true label, the predicted label, every probability."""
+SUBMISSION_DIR = "submission"
+
+
+def submission_file(task: str, split: str) -> str:
+    """GLUE's file name for a test split: ``MRPC.tsv``; MNLI's ``MNLI-m.tsv``/``MNLI-mm.tsv``."""
+    suffix = {"test": "", "test_matched": "-m", "test_mismatched": "-mm"}.get(split)
+    return f"{task}{suffix if suffix is not None else '-' + split.removeprefix('test_')}.tsv"
+
+
+def _write_submission(folder: Path, task: str, split: str, rows, records: list[dict[str, Any]],
+                      names: list[str], labels: str) -> None:
+    """``index<TAB>prediction`` per row, as the GLUE server reads it: label ids or names as the
+    task wants, scores with three decimals."""
+    folder.mkdir(exist_ok=True)
+    ids = rows[IDX] if IDX in rows.column_names else range(len(rows))
+    with open(folder / submission_file(task, split), "w") as handle:
+        handle.write("index\tprediction\n")
+        for index, record in zip(ids, records):
+            if "score" in record:
+                value = f"{record['score']:.3f}"
+            else:
+                value = record["label"] if labels == "names" else str(names.index(record["label"]))
+            handle.write(f"{index}\t{value}\n")
+
+
+def _gold(split, names: list[str], regression: bool) -> list[Any]:
+    if regression:
+        return [round(float(score), 6) for score in split[LABEL]]
+    return [names[label] for label in split[LABEL]]
+
+
+def _write_predictions(path: Path, split, records: list[dict[str, Any]],
+                       gold: Optional[list[Any]]) -> None:
+    """One JSON object per row: the input, its gold label (if any), the predicted label and
+    every probability (or the score)."""
+    columns = [c for c in (TEXT, TEXT_PAIR, IDX) if c in split.column_names]
+    inputs = {c: split[c] for c in columns}
     with open(path, "w") as handle:
-        pairs = split[TEXT_PAIR] if TEXT_PAIR in split.column_names else None
-        for row, (text, label) in enumerate(zip(split[TEXT], split[LABEL])):
-            record = {"text": text}
-            if pairs is not None:
-                record["text_pair"] = pairs[row]
-            record.update({
-                "label": names[label],
-                "predicted": names[int(predicted[row])],
-                "probabilities": {n: round(float(p), 6) for n, p in zip(names, probabilities[row])},
-            })
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for row, record in enumerate(records):
+            line = {c: inputs[c][row] for c in columns}
+            if gold is not None:
+                line["gold"] = gold[row]
+            line.update(record)
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
-def _write_confusion(path: str, labels: np.ndarray, predicted: np.ndarray, names: list[str]) -> None:
-    """Row-per-example CSV in the shape DVC's ``confusion`` plot template reads."""
+def _write_confusion(path: str, labels: np.ndarray, predicted: np.ndarray, names: list[str],
+                     regression: bool) -> None:
+    """Row-per-example CSV in the shape DVC's ``confusion`` plot template reads. Regression
+    scores are rounded to whole numbers, which makes them classes for the plot."""
+    if regression:
+        actual = [str(int(round(float(v)))) for v in labels]
+        guessed = [str(int(round(float(v)))) for v in predicted]
+    else:
+        actual, guessed = [names[a] for a in labels], [names[p] for p in predicted]
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((names[a], names[p]) for a, p in zip(labels, predicted))
+        writer.writerows(zip(actual, guessed))

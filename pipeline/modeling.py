@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import atomic_dir, hash_path, write_json
-from pipeline.config import ModelConfig
+from pipeline.config import HeadConfig, ModelConfig
 from pipeline.data import resolve_package_path
 from pipeline.errors import CheckpointError, ConfigError
 
@@ -123,16 +123,34 @@ def load_tokenizer(checkpoint_dir: str):
     return AutoTokenizer.from_pretrained(checkpoint_dir)
 
 
-def build_model(checkpoint_dir: str, label_names: list[str]):
-    """A sequence classifier: the pretrained body plus a new head with one output per label."""
+def build_model(checkpoint_dir: str, label_names: list[str], head: HeadConfig,
+                regression: bool = False) -> tuple[Any, list[str]]:
+    """The pretrained body plus a new head: one output per label, or one score for regression.
+
+    Returns the model and the names of the parameters that are new (the head): everything a
+    ``head_only`` run trains. For the checkpoint's own head those are the parameters the
+    checkpoint did not provide, so a head-less checkpoint's pooler counts as head.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    id2label = dict(enumerate(label_names))
-    return AutoModelForSequenceClassification.from_pretrained(
-        checkpoint_dir,
-        num_labels=len(label_names),
-        id2label=id2label,
-        label2id={name: i for i, name in id2label.items()},
+    if regression:
+        id2label, extra = {0: "score"}, {"problem_type": "regression"}
+    else:
+        id2label, extra = dict(enumerate(label_names)), {"problem_type": "single_label_classification"}
+    settings = {"num_labels": len(id2label), "id2label": id2label,
+                "label2id": {name: i for i, name in id2label.items()}, **extra}
+    if head.type == "pooled":
+        from pipeline.heads import PooledClassifier
+
+        model = PooledClassifier.from_body(checkpoint_dir, pooling=head.pooling,
+                                           hidden_sizes=list(head.hidden_sizes),
+                                           dropout=head.dropout, **settings)
+        prefix = f"{model.base_model_prefix}."
+        return model, [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint_dir, output_loading_info=True,
         # A checkpoint that already has a classifier head of another size gets a new one.
-        ignore_mismatched_sizes=True,
-    )
+        ignore_mismatched_sizes=True, **settings)
+    fresh = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    prefix = f"{model.base_model_prefix}."
+    return model, [n for n, _ in model.named_parameters() if n in fresh or not n.startswith(prefix)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -76,6 +77,23 @@ def _plot_confusion(matrix: np.ndarray, names: list[str], split: str, path: Path
     plt.close(fig)
 
 
+def _plot_scores(predictions: Path, split: str, path: Path) -> None:
+    """Regression: predicted score against gold score, one dot per example."""
+    plt = _pyplot()
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    gold, predicted = [r["gold"] for r in rows], [r["score"] for r in rows]
+    fig, axis = plt.subplots(figsize=(4.8, 4.4))
+    axis.scatter(gold, predicted, s=8, alpha=0.5)
+    low, high = min(gold + predicted), max(gold + predicted)
+    axis.plot([low, high], [low, high], color="grey", linewidth=1)
+    axis.set_xlabel("gold score")
+    axis.set_ylabel("predicted score")
+    axis.set_title(f"predicted vs gold ({split})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _read_confusion(path: str, names: list[str]) -> np.ndarray:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -105,12 +123,33 @@ def _data_table(manifest: dict[str, Any], token_stats: dict[str, Any]) -> str:
     rows = []
     for name, split in manifest["splits"].items():
         tokens = token_stats["splits"].get(name, {})
-        counts = ", ".join(f"{k} {v}" for k, v in split.get("label_counts", {}).items()) or "no labels"
+        counts = ", ".join(f"{k} {v}" for k, v in split.get("label_counts", {}).items())
+        if "label_mean" in split:
+            low, high = split["label_range"]
+            counts = f"scores {low}..{high}, mean {split['label_mean']}"
+        counts = counts or "no labels"
         rows.append([name, split["rows"], counts, split.get("duplicates_removed", 0),
                      tokens.get("length_p50", ""), tokens.get("length_p95", ""),
                      f"{tokens.get('truncation_rate', 0):.1%}"])
     return _table(["split", "rows", "labels", "duplicates removed", "tokens p50", "tokens p95",
                    "truncated"], rows)
+
+
+def _describe_head(cfg: PipelineConfig) -> str:
+    head = cfg.head
+    if head.type == "auto":
+        return "the checkpoint's own sequence-classification head"
+    layers = " -> ".join(str(size) for size in head.hidden_sizes) or "no hidden layer"
+    return f"pooled: {head.pooling} pooling, {layers}, dropout {head.dropout}"
+
+
+def _describe_strategy(cfg: PipelineConfig) -> str:
+    train = cfg.train
+    if train.strategy == "two_phase":
+        return (f"two_phase: head only for {train.head_epochs:g} epochs at lr "
+                f"{train.head_learning_rate:g}, then everything")
+    return {"head_only": "head_only: pretrained body frozen",
+            "finetune": "finetune: every weight trains"}[train.strategy]
 
 
 def _config_table(cfg: PipelineConfig, checkpoint: dict[str, Any]) -> str:
@@ -121,6 +160,8 @@ def _config_table(cfg: PipelineConfig, checkpoint: dict[str, Any]) -> str:
         ["model", f"{cfg.model.name} ({cfg.model.source}: `{cfg.model.path}`, revision "
                   f"{checkpoint.get('revision')}, {checkpoint.get('model_type')})"],
         ["max_length", cfg.tokenize.max_length],
+        ["head", _describe_head(cfg)],
+        ["strategy", _describe_strategy(cfg)],
         ["learning_rate", cfg.train.learning_rate],
         ["epochs", cfg.train.num_train_epochs],
         ["batch size", cfg.train.per_device_train_batch_size],
@@ -142,9 +183,9 @@ def write_report(cfg: PipelineConfig) -> list[Path]:
     history = read_json(paths.history_path)
     metrics = read_json(paths.metrics_path)
     names = manifest["label_names"]
+    regression = manifest.get("task") == "regression"
     primary = metrics["primary_split"]
     metric = cfg.train.metric_for_best_model or cfg.dataset.main_metric
-    matrix = _read_confusion(paths.confusion_path, names)
     leakage = manifest["leakage"]
 
     sections = {
@@ -152,6 +193,7 @@ def write_report(cfg: PipelineConfig) -> list[Path]:
         "data": _data_table(manifest, token_stats),
         "metrics": _metrics_table(metrics),
     }
+    figure = "scores.png" if regression else "confusion_matrix.png"
     headline = metrics[primary]
     summary = ", ".join(f"{k} {_fmt(v)}" for k, v in headline.items() if k != "examples")
     report = f"""# {cfg.dataset.name} / {cfg.model.name}
@@ -179,19 +221,23 @@ Truncation is at {token_stats['max_length']} tokens.
 
 {sections['metrics']}
 
-![confusion matrix](confusion_matrix.png)
+![{'predicted vs gold' if regression else 'confusion matrix'}]({figure})
 """
     with atomic_dir(paths.report_dir) as tmp:
         _plot_training(history, metric, tmp / "training_curves.png")
-        _plot_confusion(matrix, names, primary, tmp / "confusion_matrix.png")
+        if regression:
+            _plot_scores(Path(paths.predictions_dir) / f"{primary}.jsonl", primary, tmp / figure)
+        else:
+            _plot_confusion(_read_confusion(paths.confusion_path, names), names, primary,
+                            tmp / figure)
         (tmp / REPORT).write_text(report)
     with atomic_dir(paths.release_dir) as tmp:
         for file in Path(paths.model_dir).iterdir():
             shutil.copy2(file, tmp / file.name)
         (tmp / MODEL_CARD).write_text(model_card(cfg, manifest, checkpoint, metrics, sections))
     report_dir = Path(paths.report_dir)
-    return [report_dir / REPORT, report_dir / "training_curves.png",
-            report_dir / "confusion_matrix.png", Path(paths.release_dir) / MODEL_CARD]
+    return [report_dir / REPORT, report_dir / "training_curves.png", report_dir / figure,
+            Path(paths.release_dir) / MODEL_CARD]
 
 
 def model_card(cfg: PipelineConfig, manifest: dict[str, Any], checkpoint: dict[str, Any],
@@ -202,6 +248,15 @@ def model_card(cfg: PipelineConfig, manifest: dict[str, Any], checkpoint: dict[s
     # base_model in the card metadata must be a Hub id; other sources are named in the text.
     hub_base = f"base_model: {cfg.model.path}\n" if cfg.model.source == "hub" else ""
     pair = manifest.get("text_pair")
+    if manifest.get("task") == "regression":
+        head = "a new regression head (one score, trained with MSE loss)"
+        purpose = "Scoring"
+    else:
+        head = f"a new classification head for {len(names)} labels ({', '.join(names)})"
+        purpose = "Classifying"
+    pooled_note = ("\nThe pooled head is this project's own class: `import pipeline.heads` before "
+                   "loading it with transformers, or use `python -m stages.predict --model "
+                   "<this folder>`.\n" if cfg.head.type == "pooled" else "")
     return f"""---
 library_name: transformers
 pipeline_tag: text-classification
@@ -211,12 +266,12 @@ pipeline_tag: text-classification
 # {cfg.model.name} fine-tuned on {cfg.dataset.name}
 
 A `{checkpoint.get('model_type')}` sequence classifier: the pretrained body of `{base}`
-(revision {checkpoint.get('revision')}) with a new classification head for {len(names)} labels
-({', '.join(names)}), fine-tuned on {cfg.dataset.name}.
+(revision {checkpoint.get('revision')}) with {head}, trained on {cfg.dataset.name}
+({_describe_strategy(cfg)}; head: {_describe_head(cfg)}).
 
 ## Intended use
 
-Classifying {'pairs of texts' if pair else 'single texts'} into the labels above, for text like
+{purpose} {'pairs of texts' if pair else 'single texts'} as above, for text like
 the training data: {cfg.dataset.name} ({cfg.dataset.source} `{cfg.dataset.path}`). The model
 reads at most {cfg.tokenize.max_length} tokens{' of each pair' if pair else ''}; anything longer
 is truncated. It is not meant for decisions about people, nor for text in other languages or
@@ -227,6 +282,7 @@ from transformers import pipeline
 classifier = pipeline("text-classification", model="{cfg.paths.release_dir}")
 classifier({'{"text": "...", "text_pair": "..."}' if pair else '"..."'}, top_k=None)
 ```
+{pooled_note}
 
 ## Training data
 

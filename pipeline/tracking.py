@@ -185,19 +185,24 @@ def log_metrics_by_split(metrics: dict[str, Any]) -> None:
     mlflow.log_metrics(flat)
 
 
-def log_model(model_dir: str, input_example: list[str]) -> None:
-    """Log the trained model as an MLflow transformers model that ``mlflow.pyfunc`` can load."""
+def log_model(model_dir: str, input_example: list[dict[str, str]]) -> None:
+    """Log the trained model as an MLflow python model (``pipeline/serving.py``) that
+    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load with this package."""
     import importlib.metadata
 
     import mlflow
-    from transformers import pipeline
+    import pandas as pd
 
-    # An absolute path: MLflow treats a relative name_or_path as a Hub repo id and spends a
-    # minute retrying downloads of its model card and licence when the Hub is out of reach.
-    path = str(Path(model_dir).resolve())
-    classifier = pipeline("text-classification", model=path, tokenizer=path, device="cpu")
-    # Explicit requirements: MLflow's defaults assume torchvision, which this stack never uses.
+    package = Path(__file__).resolve().parent
+    # Explicit requirements: MLflow's guesses assume torchvision, which this stack never uses.
     requirements = [f"{name}=={importlib.metadata.version(name)}"
-                    for name in ("transformers", "torch", "tokenizers", "safetensors", "accelerate")]
-    mlflow.transformers.log_model(classifier, name="model", task="text-classification",
-                                  input_example=input_example, pip_requirements=requirements)
+                    for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors",
+                                 "numpy", "pandas")]
+    mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(package / "serving.py"),
+        artifacts={"model": str(Path(model_dir).resolve())},
+        code_paths=[str(package)],
+        input_example=pd.DataFrame(input_example),
+        pip_requirements=requirements,
+    )

@@ -1,7 +1,10 @@
-"""Train stage: fine-tune the checkpoint on the tokenized data with the Hugging Face Trainer."""
+"""Train stage: the checkpoint plus a new head, trained on the tokenized data with the Hugging Face
+Trainer, by one of three strategies: fine-tune everything, train the head alone on a frozen body
+(transfer learning), or the head first and then everything (two phases, one model, one run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -14,13 +17,13 @@ from typing import Any, Optional
 
 import datasets
 
-from pipeline.artifacts import atomic_dir, hash_path, write_json
-from pipeline.config import TrainConfig
-from pipeline.data import validation_split_name
+from pipeline.artifacts import atomic_dir, hash_path, read_json, write_json
+from pipeline.config import HeadConfig, PipelineConfig, TrainConfig
+from pipeline.data import is_regression, validation_split_name
 from pipeline.errors import ConfigError
-from pipeline.evaluation import trainer_metrics
+from pipeline.evaluation import task_metrics, trainer_metrics
 from pipeline.modeling import build_model, load_tokenizer
-from pipeline.tokenization import LABELS
+from pipeline.tokenization import LABELS, STATS
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     device: str
     precision: str
+    head_parameters: list[str]
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -52,10 +56,10 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     return device, requested
 
 
-def run_fingerprint(cfg: TrainConfig, seed: int, main_metric: str, tokenized_dir: str,
-                    checkpoint_dir: str) -> str:
+def run_fingerprint(cfg: PipelineConfig, tokenized_dir: str, checkpoint_dir: str) -> str:
     """Identity of a training run: its inputs and settings, for resuming the right checkpoints."""
-    key = json.dumps({"train": asdict(cfg), "seed": seed, "metric": main_metric,
+    key = json.dumps({"train": asdict(cfg.train), "head": asdict(cfg.head), "seed": cfg.seed,
+                      "metric": cfg.dataset.main_metric, "metrics": cfg.dataset.metrics,
                       "data": hash_path(tokenized_dir), "model": hash_path(checkpoint_dir)},
                      sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -67,18 +71,75 @@ def _cap(split: datasets.Dataset, limit: Optional[int], seed: int) -> datasets.D
     return split.shuffle(seed=seed).select(range(limit))
 
 
-def train_model(cfg: TrainConfig, *, seed: int, main_metric: str, checkpoint_dir: str,
-                tokenized_dir: str, output_dir: str, history_path: str, work_dir: str,
-                report_to: Sequence[str] = (), callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Fine-tune ``checkpoint_dir`` on ``tokenized_dir`` and save the best model to ``output_dir``.
+@dataclass(frozen=True)
+class Phase:
+    """One ``Trainer.train`` call: which weights train, at what rate, for how long."""
 
-    Evaluates on the validation split each epoch and keeps the checkpoint with the best
+    name: str
+    head_only: bool
+    learning_rate: float
+    epochs: float
+
+
+def plan_phases(cfg: TrainConfig) -> list[Phase]:
+    if cfg.strategy == "head_only":
+        return [Phase("head_only", True, cfg.learning_rate, cfg.num_train_epochs)]
+    if cfg.strategy == "two_phase":
+        return [Phase("head", True, cfg.head_learning_rate, cfg.head_epochs),
+                Phase("full", False, cfg.learning_rate, cfg.num_train_epochs)]
+    return [Phase("finetune", False, cfg.learning_rate, cfg.num_train_epochs)]
+
+
+def set_trainable(model, head_parameters: Sequence[str], head_only: bool) -> int:
+    """Freeze the pretrained body (``head_only``) or unfreeze everything; returns how many
+    weights will train. Trainer's optimizer only takes parameters that require gradients."""
+    head = set(head_parameters)
+    trainable = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = not head_only or name in head
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return trainable
+
+
+def _mlflow_callback():
+    from transformers.integrations import MLflowCallback
+
+    class PhasedMLflowCallback(MLflowCallback):
+        """transformers' MLflow logging, one instance across phases.
+
+        Reusing the instance logs the TrainingArguments params once (a second setup would try
+        to overwrite them with the next phase's values, which MLflow refuses), and the step and
+        epoch offsets keep phase 2's curves after phase 1's instead of on top of them.
+        """
+
+        step_offset = 0
+        epoch_offset = 0.0
+
+        def on_log(self, args, state, control, logs, model=None, **kwargs):
+            logs = dict(logs)
+            if "epoch" in logs:
+                logs["epoch"] += self.epoch_offset
+            shifted = dataclasses.replace(state, global_step=state.global_step + self.step_offset)
+            super().on_log(args, shifted, control, logs, model=model, **kwargs)
+
+    return PhasedMLflowCallback()
+
+
+def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: str,
+                metrics: Optional[Sequence[str]], checkpoint_dir: str, tokenized_dir: str,
+                output_dir: str, history_path: str, work_dir: str, log_to_mlflow: bool = False,
+                callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train ``checkpoint_dir`` with a new ``head`` on ``tokenized_dir``; save the best model to
+    ``output_dir``.
+
+    Runs the phases of ``cfg.strategy`` one after the other on the same model. Each evaluates on
+    the validation split every epoch and ends on its checkpoint with the best
     ``metric_for_best_model`` (default: the dataset's main metric). Checkpoints go to
-    ``work_dir``; a run interrupted there resumes from its last checkpoint when started again
-    with the same inputs, and ``work_dir`` is removed after success unless
-    ``cfg.keep_checkpoints``.
+    ``work_dir`` (one folder per phase); a run interrupted there resumes from its last
+    checkpoint when started again with the same inputs, and ``work_dir`` is removed after
+    success unless ``cfg.keep_checkpoints``.
     """
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+    from transformers import TrainerState, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     device, precision = resolve_precision(cfg.precision)
@@ -87,18 +148,98 @@ def train_model(cfg: TrainConfig, *, seed: int, main_metric: str, checkpoint_dir
     if "train" not in data or validation is None:
         raise ConfigError(f"{tokenized_dir}: needs a train and a validation split, has "
                           f"{', '.join(data)}")
-    label_names = data["train"].features[LABELS].names
+    regression = is_regression(data["train"], LABELS)
+    label_names = [] if regression else data["train"].features[LABELS].names
+    metric_names = task_metrics(metrics, main_metric, len(label_names), regression)
     train_split = _cap(data["train"], cfg.max_train_samples, seed)
     eval_split = _cap(data[validation], cfg.max_eval_samples, seed)
 
     set_seed(seed)  # before the new head is initialised
     tokenizer = load_tokenizer(checkpoint_dir)
-    model = build_model(checkpoint_dir, label_names)
+    # Saved with the model, so inference on raw text truncates where training did.
+    tokenizer.model_max_length = read_json(Path(tokenized_dir) / STATS)["max_length"]
+    model, head_parameters = build_model(checkpoint_dir, label_names, head, regression)
     metric = cfg.metric_for_best_model or main_metric
+    phases = plan_phases(cfg)
+    mlflow_callback = _mlflow_callback() if log_to_mlflow else None
+    history: list[dict[str, Any]] = []
+    step_offset, epoch_offset = 0, 0.0
+    for index, phase in enumerate(phases):
+        phase_dir = Path(work_dir) / phase.name if len(phases) > 1 else Path(work_dir)
+        if _later_phase_started(phases[index + 1:], work_dir):
+            # Interrupted in a later phase: this one finished, and the later phase's checkpoint
+            # holds every weight. Only its log is needed.
+            state = TrainerState.load_from_json(
+                str(Path(get_last_checkpoint(str(phase_dir))) / "trainer_state.json"))
+            log_history, global_step = state.log_history, state.global_step
+            logger.info("phase %s finished before the interruption", phase.name)
+        else:
+            trainable = set_trainable(model, head_parameters, phase.head_only)
+            trainer = _trainer(cfg, phase, model, tokenizer, train_split, eval_split,
+                               str(phase_dir), device, precision, seed, metric, output_dir,
+                               functools.partial(trainer_metrics, metrics=metric_names,
+                                                 num_labels=len(label_names) or 1),
+                               [*callbacks, *([mlflow_callback] if mlflow_callback else [])])
+            logger.info("phase %s: %s of %s weights train (%s), lr %g, %g epochs, %d examples, "
+                        "validate on %s (%d), %s %s, best checkpoint by %s", phase.name,
+                        f"{trainable:,}", f"{model.num_parameters():,}",
+                        "head only" if phase.head_only else "all", phase.learning_rate,
+                        phase.epochs, len(train_split), validation, len(eval_split), device,
+                        precision, metric)
+            resume = get_last_checkpoint(str(phase_dir)) if phase_dir.is_dir() else None
+            if resume:
+                logger.info("resuming from %s", resume)
+            train_output = trainer.train(resume_from_checkpoint=resume)
+            log_history, global_step = trainer.state.log_history, trainer.state.global_step
+        for entry in log_history:
+            shifted = {**entry, "phase": phase.name, "step": entry.get("step", 0) + step_offset}
+            if "epoch" in entry:
+                shifted["epoch"] = entry["epoch"] + epoch_offset
+            history.append(shifted)
+        step_offset, epoch_offset = step_offset + global_step, epoch_offset + phase.epochs
+        if mlflow_callback:
+            mlflow_callback.step_offset, mlflow_callback.epoch_offset = step_offset, epoch_offset
+    # The best checkpoint's own evaluation (of the last phase), rather than a second pass.
+    best_step = trainer.state.best_global_step
+    eval_metrics = next((h for h in trainer.state.log_history
+                         if "eval_loss" in h and h["step"] == best_step), {})
+    if trainer.is_world_process_zero():
+        with atomic_dir(output_dir) as tmp:
+            # Not trainer.save_model: it adds training_args.bin, a pickle; the model directory
+            # holds safetensors weights, config and tokenizer only.
+            set_trainable(model, head_parameters, head_only=False)
+            trainer.model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        write_json(history_path, history)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return TrainResult(
+        eval_metrics={k.removeprefix("eval_"): v for k, v in eval_metrics.items()
+                      if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
+        train_metrics=dict(train_output.metrics),
+        history=history,
+        device=device,
+        precision=precision,
+        head_parameters=list(head_parameters),
+    )
+
+
+def _later_phase_started(later: Sequence[Phase], work_dir: str) -> bool:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return any((Path(work_dir) / p.name).is_dir() and get_last_checkpoint(str(Path(work_dir) / p.name))
+               for p in later)
+
+
+def _trainer(cfg: TrainConfig, phase: Phase, model, tokenizer, train_split, eval_split,
+             work_dir: str, device: str, precision: str, seed: int, metric: str,
+             output_dir: str, compute_metrics, callbacks: list[Any]):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
     args = TrainingArguments(
         output_dir=work_dir,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
+        learning_rate=phase.learning_rate,
+        num_train_epochs=phase.epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         weight_decay=cfg.weight_decay,
@@ -116,15 +257,10 @@ def train_model(cfg: TrainConfig, *, seed: int, main_metric: str, checkpoint_dir
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
         seed=seed,
-        report_to=list(report_to),
+        report_to=[],
         run_name=Path(output_dir).name,
     )
-    world = max(args.world_size, 1)
-    steps_per_epoch = -(-len(train_split) // (cfg.per_device_train_batch_size * world))
-    logger.info("train %d examples, validate on %s (%d); %d steps/epoch, batch %d x %d process(es), "
-                "%s %s, best checkpoint by %s", len(train_split), validation, len(eval_split),
-                steps_per_epoch, cfg.per_device_train_batch_size, world, device, precision, metric)
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=args,
         train_dataset=train_split,
@@ -133,31 +269,6 @@ def train_model(cfg: TrainConfig, *, seed: int, main_metric: str, checkpoint_dir
         # Multiples of 8 let tensor cores work on GPU; on CPU they only add padding.
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda"
                                               else None),
-        compute_metrics=functools.partial(trainer_metrics, num_labels=len(label_names)),
-        callbacks=list(callbacks),
-    )
-    resume = get_last_checkpoint(work_dir) if Path(work_dir).is_dir() else None
-    if resume:
-        logger.info("resuming from %s", resume)
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    # The best checkpoint's own evaluation, rather than a second pass over the validation split.
-    best_step = trainer.state.best_global_step
-    eval_metrics = next((h for h in trainer.state.log_history
-                         if "eval_loss" in h and h["step"] == best_step), {})
-    if trainer.is_world_process_zero():
-        with atomic_dir(output_dir) as tmp:
-            # Not trainer.save_model: it adds training_args.bin, a pickle; the model directory
-            # holds safetensors weights, config and tokenizer only.
-            trainer.model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        write_json(history_path, trainer.state.log_history)
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    return TrainResult(
-        eval_metrics={k.removeprefix("eval_"): v for k, v in eval_metrics.items()
-                      if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
-        train_metrics=dict(train_output.metrics),
-        history=trainer.state.log_history,
-        device=device,
-        precision=precision,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
     )

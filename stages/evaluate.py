@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: paths.model_dir on the labelled held-out splits -> metrics, predictions."""
+"""DVC stage `evaluate`: paths.model_dir on the held-out splits -> metrics, predictions, submissions."""
 
 from pipeline import tracking
 from pipeline.artifacts import hash_path, log_inputs
@@ -13,9 +13,13 @@ def evaluate(cfg: PipelineConfig) -> None:
     with tracking.model_run("evaluate", cfg, hash_path(paths.model_dir)):
         import mlflow
 
+        data = cfg.dataset
         metrics = evaluate_model(paths.model_dir, paths.raw_dir, paths.tokenized_dir,
                                  paths.metrics_path, paths.predictions_dir, paths.confusion_path,
-                                 cfg.eval.primary_split, cfg.train.per_device_eval_batch_size)
+                                 cfg.eval.primary_split, cfg.train.per_device_eval_batch_size,
+                                 metrics=data.metrics, main_metric=data.main_metric,
+                                 submission_name=data.submission_name,
+                                 submission_labels=data.submission_labels)
         tracking.log_metrics_by_split(metrics)
         mlflow.log_artifact(paths.metrics_path)
         mlflow.log_artifacts(paths.predictions_dir, artifact_path="predictions")

