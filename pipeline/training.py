@@ -160,6 +160,9 @@ def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: s
     tokenizer.model_max_length = read_json(Path(tokenized_dir) / STATS)["max_length"]
     model, head_parameters = build_model(checkpoint_dir, label_names, head, regression)
     metric = cfg.metric_for_best_model or main_metric
+    if metric not in metric_names:
+        raise ConfigError(f"train.metric_for_best_model={metric} is not among the metrics "
+                          f"computed for this data: {', '.join(metric_names)}")
     phases = plan_phases(cfg)
     mlflow_callback = _mlflow_callback() if log_to_mlflow else None
     history: list[dict[str, Any]] = []
@@ -227,8 +230,8 @@ def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: s
 def _later_phase_started(later: Sequence[Phase], work_dir: str) -> bool:
     from transformers.trainer_utils import get_last_checkpoint
 
-    return any((Path(work_dir) / p.name).is_dir() and get_last_checkpoint(str(Path(work_dir) / p.name))
-               for p in later)
+    folders = [Path(work_dir) / phase.name for phase in later]
+    return any(folder.is_dir() and get_last_checkpoint(str(folder)) for folder in folders)
 
 
 def _trainer(cfg: TrainConfig, phase: Phase, model, tokenizer, train_split, eval_split,

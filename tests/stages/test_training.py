@@ -131,6 +131,18 @@ def test_two_phase_changes_the_body_only_in_phase_two(tmp_path, tokenized, tiny_
     assert steps == sorted(steps) and steps[-1] == 12, "phase 2 continues phase 1's steps"
 
 
+def test_two_phase_interrupted_in_phase_two_resumes_there(tmp_path, tokenized, tiny_checkpoint):
+    first, second = CountSteps(), CountSteps()
+    _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=True, counter=first,
+           strategy="two_phase", head_epochs=1)
+    assert first.steps == 12
+    result = _train(tmp_path, tokenized, tiny_checkpoint, epochs=2, keep=False, counter=second,
+                    strategy="two_phase", head_epochs=1)
+    assert second.steps == 6, "phase 1 is done and phase 2 had one of its two epochs"
+    assert {entry["phase"] for entry in result.history} == {"head", "full"}
+    assert max(entry["step"] for entry in result.history) == 18
+
+
 def test_two_phase_logs_both_phases_in_one_mlflow_run(tmp_path, tokenized, tiny_checkpoint):
     import mlflow
 

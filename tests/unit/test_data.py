@@ -241,3 +241,50 @@ def test_snapshot_does_not_depend_on_where_the_source_lives(tmp_path, tiny_corpu
         prepare_and_save(local(Path("corpus"), "jsonl", text_column="sentence"), 0, "raw")
     for file in sorted((tmp_path / "a" / "raw").iterdir()):
         assert file.read_bytes() == (tmp_path / "bb" / "raw" / file.name).read_bytes(), file.name
+
+
+def _scores(tmp_path: Path, train_scores: list[str], test_scores: list[str]) -> Path:
+    header = "sentence1\tsentence2\tlabel\tidx"
+    write_tsv(tmp_path / "train.tsv", [f"a {i}\tb {i}\t{s}\t{i}" for i, s in enumerate(train_scores)],
+              header)
+    write_tsv(tmp_path / "validation.tsv", [f"v {i}\tw {i}\t{i % 5}.5\t{i}" for i in range(6)],
+              header)
+    write_tsv(tmp_path / "test.tsv", [f"t {i}\tu {i}\t{s}\t{i}" for i, s in enumerate(test_scores)],
+              header)
+    return tmp_path
+
+
+def regression_cfg(path: Path) -> DatasetConfig:
+    return pairs_cfg(path, label_names=None, task="regression", main_metric="pearson",
+                     id_column="idx")
+
+
+def test_regression_scores_are_floats_and_an_all_minus_one_split_is_unlabelled(tmp_path):
+    # -1 is a real score in train; the test split, all -1 like GLUE STS-B's, has no labels.
+    source = _scores(tmp_path, ["-1", "0.5", "4.25", "3", "-1", "2"], ["-1", "-1", "-1", "-1"])
+    dataset, manifest = prepare_dataset(regression_cfg(source), seed=0)
+    assert dataset["train"].features["label"] == datasets.Value("float32")
+    assert list(dataset["train"]["label"]) == [-1.0, 0.5, 4.25, 3.0, -1.0, 2.0]
+    assert manifest["splits"]["train"]["labeled"] and not manifest["splits"]["test"]["labeled"]
+    assert manifest["splits"]["train"]["label_range"] == [-1.0, 4.25]
+    assert list(dataset["test"]["idx"]) == [0, 1, 2, 3]
+
+
+def test_a_score_that_is_not_a_number_names_its_line(tmp_path):
+    source = _scores(tmp_path, ["0.5", "high", "3"], ["-1"])
+    with pytest.raises(DataValidationError, match=rf"{source / 'train.tsv'}:3: label 'high' in "
+                                                  r"column 'label' is not a number"):
+        prepare_dataset(regression_cfg(source), seed=0)
+
+
+def test_a_missing_id_column_is_named(tmp_path):
+    write_tsv(tmp_path / "train.tsv", ["a\tb\t1", "c\td\t0"])
+    with pytest.raises(DataValidationError, match=r"column 'idx' not found .*dataset.id_column"):
+        prepare_dataset(pairs_cfg(tmp_path, id_column="idx"), seed=0)
+
+
+def test_unlabelled_splits_keep_their_duplicates(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [f"a {i}\tb {i}\t{i % 2}" for i in range(20)])
+    write_tsv(tmp_path / "test.tsv", ["same\tpair\t-1", "same\tpair\t-1", "other\tpair\t-1"])
+    dataset, _ = prepare_dataset(pairs_cfg(tmp_path), seed=0)
+    assert len(dataset["test"]) == 3, "a submission needs a prediction for every row"
