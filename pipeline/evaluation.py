@@ -237,7 +237,7 @@ def _write_predictions(path: Path, split, records: list[dict[str, Any]],
     """One JSON object per row: the input, its gold label (if any), the predicted label and
     every probability (or the score)."""
     columns = [c for c in (TEXT, TEXT_PAIR, IDX) if c in split.column_names]
-    inputs = {c: split[c] for c in columns}
+    inputs = {c: list(split[c]) for c in columns}
     with open(path, "w") as handle:
         for row, record in enumerate(records):
             line = {c: inputs[c][row] for c in columns}
