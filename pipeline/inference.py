@@ -11,14 +11,11 @@ This module imports no data or tracking code: MLflow's served model loads it on 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 TEXT, TEXT_PAIR = "text", "text_pair"
 MLFLOW_ARTIFACT = "model"  # the model folder's name inside the logged MLflow model
@@ -63,7 +60,11 @@ def resolve_model_dir(spec: str) -> Path:
     else:
         import mlflow
 
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
+        except Exception as exc:  # MlflowException, OSError, ...: the message says which
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FileNotFoundError(f"{spec}: could not load the MLflow model: {message}") from None
     if (path / "MLmodel").is_file():  # a logged MLflow model: the model folder is an artifact
         path = path / "artifacts" / MLFLOW_ARTIFACT
     return path

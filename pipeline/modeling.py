@@ -136,7 +136,8 @@ def build_model(checkpoint_dir: str, label_names: list[str], head: HeadConfig,
     if regression:
         id2label, extra = {0: "score"}, {"problem_type": "regression"}
     else:
-        id2label, extra = dict(enumerate(label_names)), {"problem_type": "single_label_classification"}
+        id2label = dict(enumerate(label_names))
+        extra = {"problem_type": "single_label_classification"}
     settings = {"num_labels": len(id2label), "id2label": id2label,
                 "label2id": {name: i for i, name in id2label.items()}, **extra}
     if head.type == "pooled":

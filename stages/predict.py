@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not sys.stdin.isatty():
             rows, total = _from_stdin(args.pairs), None
         else:
-            raise InputError("nothing to classify: give texts, --input FILE, or pipe lines to stdin")
+            raise InputError("nothing to classify: give texts, --input FILE, or pipe lines "
+                             "to stdin")
         classifier = Classifier(args.model, batch_size=args.batch_size)
         output = open(args.output.with_name(args.output.name + ".tmp"), "w") if args.output \
             else sys.stdout

@@ -116,7 +116,8 @@ def write_glue_fixture(root: Path, dataset: dict, rows: int = 24) -> Path:
     features = {dataset["text_column"]: datasets.Value("string")}
     if dataset.get("text_pair_column"):
         features[dataset["text_pair_column"]] = datasets.Value("string")
-    features["label"] = datasets.Value("float32") if regression else datasets.ClassLabel(names=names)
+    features["label"] = (datasets.Value("float32") if regression
+                         else datasets.ClassLabel(names=names))
     features["idx"] = datasets.Value("int32")
     splits = ["train", "validation_matched", "validation_mismatched", "test_matched",
               "test_mismatched"] if dataset["subset"] == "mnli" else ["train", "validation", "test"]

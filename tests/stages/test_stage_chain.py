@@ -246,6 +246,9 @@ def test_predict_names_the_bad_input(chain, tmp_path, capsys):
     assert not output.exists() and not list(tmp_path.glob("*.tmp")), "no partial output"
     assert main(["--model", str(tmp_path / "nowhere"), "some text"]) == 1
     assert "not a model folder" in capsys.readouterr().err
+    assert main(["--model", "runs:/0123456789abcdef/model", "some text"]) == 1
+    assert "runs:/0123456789abcdef/model: could not load the MLflow model" in \
+        capsys.readouterr().err
 
 
 def test_predict_loads_the_mlflow_model_of_the_run(chain, capsys, monkeypatch):
