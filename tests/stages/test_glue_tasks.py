@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -80,7 +81,7 @@ def test_glue_task_runs_end_to_end_with_its_own_metrics(task, tmp_path, tiny_cor
         assert [int(r[0]) for r in rows[1:]] == list(range(12))
         values = {r[1] for r in rows[1:]}
         if task == "stsb":
-            assert all(float(v) == pytest.approx(float(v), abs=1e-3) for v in values)
+            assert all(re.fullmatch(r"-?\d+\.\d{3}", v) for v in values), values  # scores
         elif cfg.dataset.submission_labels == "names":
             assert values <= set(cfg.dataset.label_names)
         else:
