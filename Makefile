@@ -40,4 +40,4 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) checkpoints multirun
+	rm -rf $(VENV) checkpoints multirun comparison test-artifacts

@@ -23,7 +23,7 @@ REPORT = "report.md"
 MODEL_CARD = "README.md"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on CI or GPU nodes
@@ -33,7 +33,7 @@ def _pyplot():
 
 
 def _plot_training(history: list[dict[str, Any]], metric: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     steps = [(h["step"], h["loss"], h.get("learning_rate")) for h in history if "loss" in h]
     evals = [(h["epoch"], h.get(f"eval_{metric}"), h.get("eval_loss")) for h in history
              if "eval_loss" in h]
@@ -59,7 +59,7 @@ def _plot_training(history: list[dict[str, Any]], metric: str, path: Path) -> No
 
 
 def _plot_confusion(matrix: np.ndarray, names: list[str], split: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     size = 1.0 + 0.7 * len(names)
     fig, axis = plt.subplots(figsize=(size + 1.5, size))
     image = axis.imshow(matrix, cmap="Blues")
@@ -79,7 +79,7 @@ def _plot_confusion(matrix: np.ndarray, names: list[str], split: str, path: Path
 
 def _plot_scores(predictions: Path, split: str, path: Path) -> None:
     """Regression: predicted score against gold score, one dot per example."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     gold, predicted = [r["gold"] for r in rows], [r["score"] for r in rows]
     fig, axis = plt.subplots(figsize=(4.8, 4.4))

@@ -68,7 +68,8 @@ def set_experiment(name: str) -> str:
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(name)
+    with _database_lock(uri):
+        experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = None
@@ -81,6 +82,26 @@ def set_experiment(name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # Another process created it between the lookup and here.
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def _database_lock(uri: str) -> Iterator[None]:
+    """Serialise the first connection to a SQLite database across processes.
+
+    MLflow creates and migrates the schema on a process's first connection; processes doing
+    that at once (parallel sweep jobs, ``dvc queue start -j 2`` on a new project) fail with
+    "table already exists" or alembic errors. Once the schema exists, MLflow's own SQLite busy
+    timeout handles concurrent writers.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock", timeout=600):
+        yield
 
 
 def find_model_run(experiment_id: str, model_sha: str) -> Optional[str]:

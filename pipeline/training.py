@@ -260,6 +260,10 @@ def _trainer(cfg: TrainConfig, phase: Phase, model, tokenizer, train_split, eval
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
         seed=seed,
+        # Classification losses here are per-example means that ignore Trainer's token count;
+        # with averaging on, Trainer would multiply them by the number of processes under
+        # DDP, doubling the logged losses and the gradients of a 2-process run.
+        average_tokens_across_devices=False,
         report_to=[],
         run_name=Path(output_dir).name,
     )

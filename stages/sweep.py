@@ -1,56 +1,193 @@
-"""Hydra callback that gives every multirun sweep one MLflow parent run (see conf/stage.yaml)."""
+"""Hydra callback that gives every multirun sweep one MLflow parent run (see conf/stage.yaml).
+
+It works with any launcher (basic, joblib, submitit) and sweeper (basic, optuna_search): the
+``on_job_*`` hooks run in the job's own process, so each job gets the parent's run id and
+tracking URI there, and leaves a ``job.json`` in its job folder that the launching process reads
+at the end, whatever machine the job ran on.
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from stages.entrypoint import SWEEP_PARENT_ENV
 
 logger = logging.getLogger(__name__)
 
+JOB_RECORD = "job.json"
+COMPARISON_DIR = "comparison"
+
 
 class MlflowSweepCallback(Callback):
     """Opens one MLflow parent run per Hydra multirun; each job's run is its child.
 
-    The parent records the swept overrides and the number of jobs, and ends FAILED if any
-    child failed.
+    The parent records the search space, the number of jobs, the failed ones, the best child
+    and its metric, and a comparison of all children (table and plot). It ends FAILED if any
+    job failed. Hydra skips ``on_multirun_end`` when a job failed (the sweeper raises its
+    error), so the parent is also finished at interpreter exit.
     """
 
     def __init__(self) -> None:
         self.run_id: str | None = None
+        self.tracking_uri: str | None = None
+        self.sweep_dir: Path | None = None
+        self.main_metric = "accuracy"
+
+    # -- launching process -------------------------------------------------------------------
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
-        from pipeline.tracking import git_state, set_experiment
+        from pipeline.tracking import git_state, set_experiment, tracking_uri
 
         experiment_id = set_experiment(config.tracking.experiment_name)
-        overrides = list(config.hydra.overrides.task)
+        self.tracking_uri = tracking_uri()
+        self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        self.main_metric = config.dataset.main_metric
         client = mlflow.MlflowClient()
+        tags = {"sweep": "true", "sweep_dir": str(self.sweep_dir),
+                "sweeper": _target(config.hydra.sweeper), "launcher": _target(config.hydra.launcher),
+                **git_state()}
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         run = client.create_run(experiment_id, run_name=f"sweep-{config.hydra.job.name}",
-                                tags={"sweep": "true", "sweep_dir": str(config.hydra.sweep.dir),
-                                      **git_state()})
-        client.log_param(run.info.run_id, "search_space", " ".join(overrides))
+                                tags=tags)
         self.run_id = run.info.run_id
+        client.log_param(self.run_id, "search_space", search_space(config))
         os.environ[SWEEP_PARENT_ENV] = self.run_id
-        logger.info("sweep parent MLflow run %s", self.run_id)
+        atexit.register(self._finish)
+        logger.info("sweep parent MLflow run %s, jobs in %s", self.run_id, self.sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        import mlflow
+        self._finish()
 
+    def _finish(self) -> None:
+        """Record jobs, failures, the best child and the comparison; end the parent run."""
         if self.run_id is None:
             return
-        client = mlflow.MlflowClient()
-        parent = client.get_run(self.run_id)
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'")
-        failed = [c.info.run_name for c in children if c.info.status != "FINISHED"]
-        client.set_tag(self.run_id, "jobs", str(len(children)))
-        client.set_tag(self.run_id, "failed_jobs", ",".join(failed) or "none")
-        client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+        run_id, self.run_id = self.run_id, None
+        atexit.unregister(self._finish)
         os.environ.pop(SWEEP_PARENT_ENV, None)
+        import mlflow
+
+        from pipeline import comparison
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        jobs = read_job_records(self.sweep_dir)
+        children = child_runs(client, run_id)
+        finished = [c for c in children if c.info.status == "FINISHED"]
+        failed = sorted({j["num"] for j in jobs if j.get("status") != JobStatus.COMPLETED.name}
+                        | {int(c.data.tags["sweep_job"]) for c in children
+                           if c.info.status != "FINISHED" and "sweep_job" in c.data.tags})
+        by_num = {j["num"]: j for j in jobs}
+        client.set_tag(run_id, "jobs", str(max(len(jobs), len(children))))
+        client.set_tag(run_id, "failed_jobs", "; ".join(
+            f"{num}: {' '.join(by_num.get(num, {}).get('overrides', []))}" for num in failed)
+            or "none")
+        metric = f"validation_{self.main_metric}"
+        scored = [c for c in finished if metric in c.data.metrics]
+        if scored:
+            best = max(scored, key=lambda c: c.data.metrics[metric])
+            client.set_tag(run_id, "best_run_id", best.info.run_id)
+            client.set_tag(run_id, "best_run_name", best.info.run_name)
+            client.set_tag(run_id, "best_job", " ".join(
+                by_num.get(int(best.data.tags.get("sweep_job", -1)), {}).get("overrides", [])))
+            client.log_metric(run_id, f"best_{metric}", best.data.metrics[metric])
+        if children:
+            try:
+                out_dir = self.sweep_dir / COMPARISON_DIR
+                for path in comparison.write_comparison(children, metric, out_dir):
+                    client.log_artifact(run_id, str(path), COMPARISON_DIR)
+            except Exception:  # the sweep's outcome matters more than its summary
+                logger.exception("could not write the sweep comparison")
+        client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        summary = (f"sweep: {len(finished)} of {max(len(jobs), len(children))} jobs finished"
+                   + (f", best {best.info.run_name} {metric}={best.data.metrics[metric]:.4f}"
+                      if scored else "") + f" (MLflow parent run {run_id})")
+        print(summary, file=sys.stderr)
+        for num in failed:
+            record = by_num.get(num, {})
+            print(f"sweep: job {num} failed ({' '.join(record.get('overrides', []))}): "
+                  f"{record.get('error', 'no record')}", file=sys.stderr)
+
+    # -- job process (any launcher) ------------------------------------------------------------
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is None:
+            return
+        os.environ[SWEEP_PARENT_ENV] = self.run_id
+        if self.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self.run_id is None:
+            return
+        num = int(config.hydra.job.num)
+        overrides = list(config.hydra.overrides.task)
+        record: dict[str, Any] = {"num": num, "overrides": overrides,
+                                  "status": job_return.status.name}
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value  # the exception; .return_value would raise it
+            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            try:
+                self._record_failure(num, overrides, record["error"])
+            except Exception:  # a tracking outage must not hide the job's own error
+                logger.exception("could not record the failed job %d in MLflow", num)
+        out = Path(config.hydra.runtime.output_dir) / JOB_RECORD
+        out.write_text(json.dumps(record, indent=1))
+
+    def _record_failure(self, num: int, overrides: list[str], error: str) -> None:
+        """Tag the failed job's child run with its error, or create one FAILED child when the
+        job failed before its stage opened a run (a bad config value, say)."""
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        runs = [r for r in child_runs(client, self.run_id)
+                if r.data.tags.get("sweep_job") == str(num)]
+        if runs:
+            client.set_tag(runs[0].info.run_id, "error", error)
+            return
+        parent = client.get_run(self.run_id)
+        run = client.create_run(parent.info.experiment_id, run_name=f"job-{num}", tags={
+            "mlflow.parentRunId": self.run_id, "sweep_job": str(num), "error": error})
+        for override in overrides:
+            key, _, value = override.partition("=")
+            client.log_param(run.info.run_id, key.lstrip("+~"), value)
+        client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def _target(node: Any) -> str:
+    return str(node.get("_target_", "")).rsplit(".", 1)[-1] if node is not None else ""
+
+
+def search_space(config: DictConfig) -> str:
+    """The command line's overrides plus a search sweeper's ``params``, as one line."""
+    parts = [str(o) for o in config.hydra.overrides.task]
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    if params:
+        parts += [f"{key}={value}" for key, value in OmegaConf.to_container(params).items()]
+    return " ".join(parts)
+
+
+def read_job_records(sweep_dir: Path | None) -> list[dict[str, Any]]:
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return []
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{JOB_RECORD}")]
+    return sorted(records, key=lambda r: r["num"])
+
+
+def child_runs(client, parent_run_id: str) -> list[Any]:
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=10_000)

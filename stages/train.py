@@ -1,12 +1,16 @@
 """DVC stage `train`: fine-tune paths.checkpoint_dir on paths.tokenized_dir; writes paths.model_dir.
 
 Under Hydra multirun (`-m`) each job writes its model to its own job folder instead, and its
-MLflow run is a child of the sweep's parent run.
+MLflow run is a child of the sweep's parent run. Under torchrun every process trains its share
+of each batch (DistributedDataParallel) and rank 0 alone saves the model and logs the MLflow run.
 """
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
 
 from pipeline import tracking
 from pipeline.artifacts import hash_path, log_inputs, read_json
@@ -32,18 +36,28 @@ def train(cfg: PipelineConfig) -> dict:
         "checkpoint_sha256": read_json(Path(paths.checkpoint_dir) / "checkpoint_manifest.json")["sha256"],
         "dataset_revision": str(read_json(Path(paths.raw_dir) / MANIFEST)["provenance"]["revision"]),
     }
+    fit = functools.partial(train_model, cfg.train, cfg.head, seed=cfg.seed,
+                            main_metric=cfg.dataset.main_metric, metrics=cfg.dataset.metrics,
+                            checkpoint_dir=paths.checkpoint_dir, tokenized_dir=paths.tokenized_dir,
+                            output_dir=str(model_dir), history_path=str(history_path),
+                            work_dir=str(work_dir))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return fit(log_to_mlflow=False).eval_metrics  # a torchrun worker: rank 0 logs the run
+    lineage["world_size"] = os.environ.get("WORLD_SIZE", "1")
+    run_name = f"{cfg.model.name}-{cfg.dataset.name}"
+    if in_multirun():
+        hydra_cfg = HydraConfig.get()
+        lineage.update(sweep_job=str(hydra_cfg.job.num),
+                       sweep_overrides=" ".join(hydra_cfg.overrides.task))
+        run_name += f"-job{hydra_cfg.job.num}"
     with tracking.stage_run("train", cfg, parent_run_id=os.environ.get(SWEEP_PARENT_ENV),
-                            run_name=f"{cfg.model.name}-{cfg.dataset.name}", log_params=True):
+                            run_name=run_name, log_params=True):
         import mlflow
 
         mlflow.set_tags(lineage)
         # The whole resolved config, loadable as a params.yaml to reproduce this run.
         mlflow.log_dict(dataclasses.asdict(cfg), "config/params.yaml")
-        result = train_model(cfg.train, cfg.head, seed=cfg.seed,
-                             main_metric=cfg.dataset.main_metric, metrics=cfg.dataset.metrics,
-                             checkpoint_dir=paths.checkpoint_dir, tokenized_dir=paths.tokenized_dir,
-                             output_dir=str(model_dir), history_path=str(history_path),
-                             work_dir=str(work_dir), log_to_mlflow=True)
+        result = fit(log_to_mlflow=True)
         mlflow.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir), "device": result.device,
                          "precision": result.precision})
         mlflow.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()

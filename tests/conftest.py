@@ -53,14 +53,12 @@ def _vocabulary() -> list[str]:
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with a word-level tokenizer, saved like a Hub checkpoint."""
+def build_tiny_checkpoint(folder: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A ``layers``-layer, 32-wide BERT with a word-level tokenizer, saved like a Hub checkpoint."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny_checkpoint")
     vocab = {word: i for i, word in enumerate(_vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.Lowercase()
@@ -73,12 +71,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                                         mask_token="[MASK]", model_max_length=64,
                                         model_input_names=["input_ids", "token_type_ids",
                                                            "attention_mask"])
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
 
 
 @pytest.fixture(autouse=True)

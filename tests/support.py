@@ -52,12 +52,12 @@ def make_project(root: Path, params: dict, with_git: bool = True) -> Path:
     import yaml
 
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("conf", "pipeline", "stages"):
+    for name in ("conf", "pipeline", "stages", "hydra_plugins"):
         shutil.copytree(PROJECT / name, root / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/checkpoints/\n/multirun/\n")
+    (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/checkpoints/\n/multirun/\n")
     if with_git:
         run(["git", "init", "-q"], root)
         run(["git", "config", "user.email", "ci@example.invalid"], root)

@@ -87,3 +87,18 @@ def test_conf_uses_no_runtime_interpolations():
         text = file.read_text()
         for forbidden in ("${now:", "${oc.env:", "${hydra:"):
             assert forbidden not in text, f"{file.relative_to(PROJECT)} uses {forbidden}"
+
+
+def test_slurm_launcher_config_composes_onto_hydra_submitit():
+    """conf/cluster/hydra/launcher/slurm.yaml: Hydra's SLURM launcher with GPU-node defaults."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "stages.train", "hydra/launcher=slurm",
+                           "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve"],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    launcher = yaml.safe_load(done.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == \
+        ("gpu", 1, 1)

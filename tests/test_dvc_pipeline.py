@@ -92,18 +92,29 @@ def test_changing_a_train_param_reruns_only_downstream_stages(project, tmp_path)
 
 
 def test_multirun_gives_one_child_run_per_job_under_a_parent(project):
+    """The basic launcher runs the jobs one after another in one process: nothing may leak
+    from one job into the next (active MLflow run, seeds, model, data)."""
     root, env, _ = project
     before = run([dvc_executable(), "status", "--json"], root, env=env).stdout
-    done = run(["python", "-m", "stages.train", "-m", "train.learning_rate=1e-3,3e-3"], root, env=env)
+    # params.yaml now says 2e-3 (see the test above), so `dvc repro` trained that model in a
+    # process of its own; the sweep trains it again as its second job, after another one.
+    done = run(["python", "-m", "stages.train", "-m", "train.learning_rate=3e-3,2e-3"], root,
+               env=env)
     client, runs = _runs(root)
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert len(parents) == 1, done.stdout
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(c.data.params["train.learning_rate"] for c in children) == ["0.001", "0.003"]
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: r.data.tags["sweep_job"])
+    assert [c.data.params["train.learning_rate"] for c in children] == ["0.003", "0.002"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "2"
-    assert "train.learning_rate=1e-3,3e-3" in parent.data.params["search_space"]
+    assert parent.data.tags["launcher"] == "BasicLauncher"
+    assert "train.learning_rate=3e-3,2e-3" in parent.data.params["search_space"]
+    repro_run = next(r for r in runs if r.data.params.get("train.learning_rate") == "0.002"
+                     and "mlflow.parentRunId" not in r.data.tags and "sweep" not in r.data.tags)
+    assert children[1].data.tags["model_sha256"] == repro_run.data.tags["model_sha256"], \
+        "the second job must train exactly what a fresh process trains"
     job_models = sorted(root.glob("multirun/*/*/*/model/model.safetensors"))
     assert len(job_models) == 2, "each job writes its model into its own job folder"
     after = run([dvc_executable(), "status", "--json"], root, env=env).stdout
