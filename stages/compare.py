@@ -1,7 +1,7 @@
 """Compare MLflow runs: a sweep's children, or the runs of DVC experiments.
 
     python -m stages.compare --parent <sweep parent run id>
-    python -m stages.compare --experiment bbc_news --dvc-experiments --output reports/exps
+    python -m stages.compare --experiment bbc_news --dvc-experiments --output comparison/exps
 
 Writes a table of each run's swept params and summary metrics (``runs.csv``, ``runs.md``, best
 first) and a plot of the metric against each swept value (``metric_vs_params.png``); with

@@ -100,8 +100,7 @@ class MlflowSweepCallback(Callback):
             best = max(scored, key=lambda c: c.data.metrics[metric])
             client.set_tag(run_id, "best_run_id", best.info.run_id)
             client.set_tag(run_id, "best_run_name", best.info.run_name)
-            client.set_tag(run_id, "best_job", " ".join(
-                by_num.get(int(best.data.tags.get("sweep_job", -1)), {}).get("overrides", [])))
+            client.set_tag(run_id, "best_job", best.data.tags.get("sweep_overrides", ""))
             client.log_metric(run_id, f"best_{metric}", best.data.metrics[metric])
         if children:
             try:
