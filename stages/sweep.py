@@ -151,8 +151,7 @@ class MlflowSweepCallback(Callback):
         import mlflow
 
         client = mlflow.MlflowClient(self.tracking_uri)
-        runs = [r for r in child_runs(client, self.run_id)
-                if r.data.tags.get("sweep_job") == str(num)]
+        runs = child_runs(client, self.run_id, f" AND tags.sweep_job = '{num}'")
         if runs:
             client.set_tag(runs[0].info.run_id, "error", error)
             return
@@ -185,8 +184,9 @@ def read_job_records(sweep_dir: Path | None) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["num"])
 
 
-def child_runs(client, parent_run_id: str) -> list[Any]:
+def child_runs(client, parent_run_id: str, also: str = "") -> list[Any]:
+    """The parent's child runs (``also``: more of an MLflow filter, ``" AND ..."``)."""
     parent = client.get_run(parent_run_id)
     return client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'{also}",
                               max_results=10_000)

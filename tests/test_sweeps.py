@@ -142,6 +142,18 @@ def test_a_failing_job_ends_failed_while_the_others_finish(project):
     assert sorted(r["status"] for r in records) == ["COMPLETED"] * 3 + ["FAILED"]
 
 
+def test_a_job_failing_inside_its_run_gets_the_error_on_that_run(project):
+    """A failure after the stage opened its MLflow run tags that run instead of adding one."""
+    root, env = project
+    done, _, parent, children = _sweep(root, env, "train.metric_for_best_model=nope",
+                                       check=False)
+    assert done.returncode != 0
+    assert len(children) == 1 and children[0].info.status == "FAILED"
+    assert children[0].info.run_name == "tiny_bert-tiny_sentiment-job0"
+    assert "train.metric_for_best_model=nope" in children[0].data.tags["error"]
+    assert parent.info.status == "FAILED" and parent.data.tags["jobs"] == "1"
+
+
 def test_submitit_local_launcher(project):
     root, env = project
     done, _, parent, children = _sweep(root, env, "hydra/launcher=submitit_local",
