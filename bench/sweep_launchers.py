@@ -23,8 +23,10 @@ def sweep(launcher: list[str], rates: list[str], samples: int, threads: int) -> 
                f"train.max_train_samples={samples}", f"train.max_eval_samples={samples}",
                "tracking.log_model=false"]
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    done = subprocess.run(command, check=False, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode:
+        sys.exit(f"{' '.join(command[1:])} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
 

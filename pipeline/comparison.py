@@ -56,6 +56,12 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def tick_label(value: str, width: int = 24) -> str:
+    """A categorical value short enough for an axis; a long one (a path) keeps its end, where
+    such values differ."""
+    return value if len(value) <= width else "…" + value[-(width - 1):]
+
+
 def plot_metric_vs_params(rows: Sequence[dict[str, Any]], metric: str,
                           params: Sequence[str], path: Path) -> None:
     """One panel per swept param: the metric of each finished run against the param's value."""
@@ -74,7 +80,8 @@ def plot_metric_vs_params(rows: Sequence[dict[str, Any]], metric: str,
         else:
             labels = sorted({str(x) for x, _ in points})
             axis.scatter([labels.index(str(x)) for x, _ in points], [y for _, y in points])
-            axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+            axis.set_xticks(range(len(labels)), [tick_label(label) for label in labels],
+                            rotation=20, ha="right")
         axis.set_xlabel(param)
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
@@ -125,4 +132,4 @@ def write_comparison(runs: Sequence[Any], metric: str, out_dir: Path) -> list[Pa
 def main_metric_of(runs: Sequence[Any]) -> str:
     """``validation_<dataset.main_metric>`` as the runs' params recorded it."""
     names = {run.data.params.get("dataset.main_metric") for run in runs} - {None}
-    return f"validation_{sorted(names)[0] if names else 'accuracy'}"
+    return f"validation_{min(names) if names else 'accuracy'}"
