@@ -14,11 +14,13 @@ def _run(name: str, status: str, params: dict, metrics: dict, tags: dict | None 
 
 
 def _sweep():
-    common = {"model.name": "minilm", "output_dir": "/tmp/x"}  # transformers' own, undotted
+    # output_dir differs too, but it is what transformers logs of TrainingArguments (undotted).
     return [
-        _run("job0", "FINISHED", {**common, "train.learning_rate": "1e-05", "output_dir": "/a"},
+        _run("job0", "FINISHED", {"model.name": "minilm", "train.learning_rate": "1e-05",
+                                  "output_dir": "/a"},
              {"validation_accuracy": 0.70, "validation_loss": 0.9, "loss": 0.5}, {"sweep_job": "0"}),
-        _run("job1", "FINISHED", {**common, "train.learning_rate": "0.0001", "output_dir": "/b"},
+        _run("job1", "FINISHED", {"model.name": "minilm", "train.learning_rate": "0.0001",
+                                  "output_dir": "/b"},
              {"validation_accuracy": 0.90, "validation_loss": 0.4}, {"sweep_job": "1"}),
         # Failed before its stage opened a run: only its overrides, no metrics.
         _run("job2", "FAILED", {"train.learning_rate": "-1"}, {}, {"sweep_job": "2"}),
