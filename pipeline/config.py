@@ -1,13 +1,20 @@
 """Typed views of the resolved configuration (params.yaml).
 
-Each section of the config gets a frozen dataclass. ``load_section`` merges the section into its
-schema, so a typo'd key, a wrong type or an invalid value fails at start-up with a
-:class:`ConfigError` naming the key, instead of deep inside a library mid-run.
+Each section of the config gets a frozen dataclass that validates it. The values themselves live
+in ``conf/`` alone: the dataclasses declare no defaults, so the schema and the configs cannot
+disagree, and a key that ``conf/`` does not set is a one-line error naming it. ``load_section``
+merges a section into its schema, so a typo'd key, a wrong type or an invalid value fails at
+start-up with a :class:`ConfigError` naming the key, instead of deep inside a library mid-run.
+
+Some keys belong to one option only (the pooled head's settings, the two-phase strategy's head
+phase): they are declared with ``only_for`` and appear in ``conf/`` only in that option's file,
+so under another option they are absent from params.yaml and cannot invalidate a DVC stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
@@ -27,6 +34,14 @@ HEADS = ("auto", "pooled")
 POOLINGS = ("cls", "mean")
 
 
+def only_for(key: str, value: str) -> Any:
+    """A key that exists only when ``key`` (of the same section) is ``value``; absent otherwise.
+
+    ``conf/`` sets it in that option's file; :func:`load_section` refuses it under any other.
+    """
+    return field(default=None, metadata={"only_for": (key, value)})
+
+
 def _check_choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
@@ -39,17 +54,19 @@ def _check_fraction(section: str, key: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class PathsConfig:
-    raw_dir: str = "data/raw"
-    checkpoint_dir: str = "data/checkpoint"
-    tokenized_dir: str = "data/tokenized"
-    model_dir: str = "models/model"
-    history_path: str = "models/train_history.json"
-    metrics_path: str = "metrics/metrics.json"
-    predictions_dir: str = "metrics/predictions"
-    confusion_path: str = "metrics/confusion.csv"
-    report_dir: str = "reports"
-    release_dir: str = "models/release"
-    checkpoints_root: str = "checkpoints"
+    """Every path a stage reads or writes, relative to the project root (dvc.yaml uses them)."""
+
+    raw_dir: str
+    pretrained_dir: str
+    tokenized_dir: str
+    model_dir: str
+    history_path: str
+    metrics_path: str
+    predictions_dir: str
+    confusion_path: str
+    report_dir: str
+    release_dir: str
+    trainer_checkpoints_dir: str
 
 
 @dataclass(frozen=True)
@@ -64,26 +81,26 @@ class DatasetConfig:
     ``submission_name`` let unlabelled test splits be written as GLUE submission files.
     """
 
-    name: str = "???"
-    source: str = "hub"
-    path: str = "???"
-    subset: Optional[str] = None
-    revision: Optional[str] = None
-    format: Optional[str] = None
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None
-    label_column: str = "label"
-    label_names: Optional[list[str]] = None
-    task: str = "classification"
-    main_metric: str = "accuracy"
-    metrics: Optional[list[str]] = None
-    id_column: Optional[str] = None
-    submission_name: Optional[str] = None
-    submission_labels: str = "ids"
-    validation_size: float = 0.1
-    test_size: float = 0.1
-    deduplicate: bool = True
-    on_leakage: str = "drop"
+    name: str
+    source: str
+    path: str
+    subset: Optional[str]
+    revision: Optional[str]
+    format: Optional[str]
+    text_column: str
+    text_pair_column: Optional[str]
+    label_column: str
+    label_names: Optional[list[str]]
+    task: str
+    main_metric: str
+    metrics: Optional[list[str]]
+    id_column: Optional[str]
+    submission_name: Optional[str]
+    submission_labels: str
+    validation_size: float
+    test_size: float
+    deduplicate: bool
+    on_leakage: str
 
     def __post_init__(self) -> None:
         _check_choice("dataset", "source", self.source, SOURCES)
@@ -114,10 +131,10 @@ class DatasetConfig:
 class ModelConfig:
     """A pretrained checkpoint: Hub id, local folder, or ``<import name>/<folder>`` of a package."""
 
-    name: str = "???"
-    source: str = "hub"
-    path: str = "???"
-    revision: Optional[str] = None
+    name: str
+    source: str
+    path: str
+    revision: Optional[str]
 
     def __post_init__(self) -> None:
         _check_choice("model", "source", self.source, SOURCES)
@@ -132,13 +149,15 @@ class HeadConfig:
     attention mask), then ``hidden_sizes`` dense layers (GELU) with ``dropout``, then the output.
     """
 
-    type: str = "auto"
-    pooling: str = "cls"
-    hidden_sizes: list[int] = field(default_factory=list)
-    dropout: float = 0.1
+    type: str
+    pooling: Optional[str] = only_for("type", "pooled")
+    hidden_sizes: Optional[list[int]] = only_for("type", "pooled")
+    dropout: Optional[float] = only_for("type", "pooled")
 
     def __post_init__(self) -> None:
         _check_choice("head", "type", self.type, HEADS)
+        if self.type != "pooled":
+            return
         _check_choice("head", "pooling", self.pooling, POOLINGS)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"head.dropout={self.dropout} must be in [0, 1)")
@@ -148,7 +167,7 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    max_length: int = 128
+    max_length: int
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -157,33 +176,32 @@ class TokenizeConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Trainer settings. ``strategy``: ``finetune`` trains every weight; ``head_only`` freezes
-    the pretrained body and trains only the new head (transfer learning); ``two_phase`` trains
-    the head alone for ``head_epochs`` at ``head_learning_rate``, then everything for
-    ``num_train_epochs`` at ``learning_rate``."""
+    """Trainer settings that decide what model comes out. ``strategy``: ``finetune`` trains every
+    weight; ``head_only`` freezes the pretrained body and trains only the new head (transfer
+    learning); ``two_phase`` trains the head alone for ``head_epochs`` at
+    ``head_learning_rate``, then everything for ``num_train_epochs`` at ``learning_rate``."""
 
-    strategy: str = "finetune"
-    learning_rate: float = 5e-5
-    num_train_epochs: float = 3.0
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 64
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "linear"
-    logging_steps: int = 10
-    precision: str = "auto"
-    metric_for_best_model: Optional[str] = None
-    save_total_limit: int = 2
-    keep_checkpoints: bool = False
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    head_learning_rate: float = 1e-3
-    head_epochs: float = 1.0
+    strategy: str
+    learning_rate: float
+    num_train_epochs: float
+    per_device_train_batch_size: int
+    weight_decay: float
+    warmup_ratio: float
+    lr_scheduler_type: str
+    logging_steps: int
+    precision: str
+    metric_for_best_model: Optional[str]
+    max_train_samples: Optional[int]
+    max_eval_samples: Optional[int]
+    head_learning_rate: Optional[float] = only_for("strategy", "two_phase")
+    head_epochs: Optional[float] = only_for("strategy", "two_phase")
 
     def __post_init__(self) -> None:
         _check_choice("train", "strategy", self.strategy, STRATEGIES)
         _check_choice("train", "precision", self.precision, PRECISIONS)
-        for key in ("learning_rate", "head_learning_rate", "head_epochs"):
+        positive = ["learning_rate"] + (["head_learning_rate", "head_epochs"]
+                                        if self.strategy == "two_phase" else [])
+        for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -191,76 +209,59 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.num_train_epochs <= 0:
             raise ConfigError(f"train.num_train_epochs={self.num_train_epochs} must be positive")
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps"):
+        for key in ("per_device_train_batch_size", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be at least 1")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    primary_split: str = "test"
+    """``primary_split``: the split whose confusion matrix and headline metrics the report shows."""
+
+    primary_split: str
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    experiment_name: str = "default"
-    log_model: bool = True
+    experiment_name: str
+    log_model: bool
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    num_proc: int = 1
+    """How stages run, never what they produce: no stage lists these in dvc.yaml, so changing
+    one re-runs nothing. ``num_proc``: tokenize processes; ``eval_batch_size``: batch of every
+    evaluation pass; ``save_total_limit``/``keep_checkpoints``: the Trainer's resumable
+    checkpoints on disk (the best one is always kept while training)."""
+
+    num_proc: int
+    eval_batch_size: int
+    save_total_limit: int
+    keep_checkpoints: bool
+
+    def __post_init__(self) -> None:
+        for key in ("num_proc", "eval_batch_size", "save_total_limit"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"runtime.{key}={getattr(self, key)} must be at least 1")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """The whole resolved config, as every stage sees it."""
 
-    seed: int = 42
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seed: int
+    paths: PathsConfig
+    dataset: DatasetConfig
+    model: ModelConfig
+    head: HeadConfig
+    tokenize: TokenizeConfig
+    train: TrainConfig
+    eval: EvalConfig
+    tracking: TrackingConfig
+    runtime: RuntimeConfig
 
 
-T = TypeVar("T")
-
-
-def _schema_keys(schema: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(schema)]
-
-
-def load_section(cfg: DictConfig, key: str, schema: type[T]) -> T:
-    """Validate ``cfg[key]`` against ``schema`` and return it as a frozen dataclass.
-
-    Raises:
-        ConfigError: the section is missing, has an unknown key, a value of the wrong type, a
-            missing required value, or a value its schema rejects.
-    """
-    if key not in cfg:
-        raise ConfigError(f"config has no '{key}' section")
-    section = cfg[key]
-    if not isinstance(section, DictConfig):
-        raise ConfigError(f"config '{key}' must be a mapping, got {section!r}")
-    unknown = [k for k in section.keys() if k not in _schema_keys(schema)]
-    if unknown:
-        raise ConfigError(f"unknown key '{key}.{unknown[0]}'; valid keys of '{key}': "
-                          f"{', '.join(_schema_keys(schema))}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        full_key = getattr(exc, "full_key", None) or "?"
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"invalid value for '{key}.{full_key}': {message}") from None
-
-
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "paths": PathsConfig,
     "dataset": DatasetConfig,
     "model": ModelConfig,
@@ -271,31 +272,164 @@ _SECTIONS: dict[str, type] = {
     "tracking": TrackingConfig,
     "runtime": RuntimeConfig,
 }
+# Sections no stage lists in dvc.yaml: they never change an output (paths are deps and outs).
+UNTRACKED_SECTIONS = ("paths", "tracking", "runtime")
+
+T = TypeVar("T")
+
+
+def schema_keys(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def applicable_keys(schema: type, section: dict[str, Any]) -> list[str]:
+    """The keys of ``schema`` that apply to ``section``'s chosen options."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        condition = f.metadata.get("only_for")
+        if condition is None or section.get(condition[0]) == condition[1]:
+            keys.append(f.name)
+    return keys
+
+
+def load_section(cfg: DictConfig, key: str, schema: type[T]) -> T:
+    """Validate ``cfg[key]`` against ``schema`` and return it as a frozen dataclass.
+
+    Raises:
+        ConfigError: the section is missing, has an unknown key, a key its chosen option does
+            not take, a value of the wrong type, a missing value, or a value its schema rejects.
+    """
+    if key not in cfg:
+        raise ConfigError(f"config has no '{key}' section")
+    section = cfg[key]
+    if not isinstance(section, DictConfig):
+        raise ConfigError(f"config '{key}' must be a mapping, got {section!r}")
+    unknown = [k for k in section if k not in schema_keys(schema)]
+    if unknown:
+        raise ConfigError(f"unknown key '{key}.{unknown[0]}'; valid keys of '{key}': "
+                          f"{', '.join(schema_keys(schema))}")
+    for f in dataclasses.fields(schema):
+        condition = f.metadata.get("only_for")
+        if condition is None:
+            if f.name not in section:
+                raise ConfigError(f"missing key '{key}.{f.name}' (conf/ sets every key; is "
+                                  "params.yaml out of date? run `dvc exp run`)")
+            continue
+        option, wanted = condition
+        chosen = section.get(option)
+        if chosen == wanted and f.name not in section:
+            raise ConfigError(f"{key}.{option}={wanted} needs '{key}.{f.name}': choose the option "
+                              f"as a group, `dvc exp run -S {_group_of(key, option)}={wanted}`, "
+                              "which sets it")
+        if chosen != wanted and f.name in section:
+            raise ConfigError(f"'{key}.{f.name}' applies only to {key}.{option}={wanted}, not "
+                              f"{chosen}: drop it, or `dvc exp run -S "
+                              f"{_group_of(key, option)}={wanted}`")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        full_key = getattr(exc, "full_key", None) or "?"
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"invalid value for '{key}.{full_key}': {message}") from None
+
+
+def _group_of(section: str, option: str) -> str:
+    """The conf/ group that chooses ``section.option`` (see conf/config.yaml)."""
+    return {("head", "type"): "head", ("train", "strategy"): "strategy"}.get(
+        (section, option), f"{section}.{option}")
 
 
 def load_config(cfg: DictConfig) -> PipelineConfig:
     """Validate every section of a resolved config (params.yaml plus command-line overrides)."""
-    unknown = [k for k in cfg.keys() if k != "seed" and k not in _SECTIONS]
+    unknown = [k for k in cfg if k != "seed" and k not in SECTIONS]
     if unknown:
         raise ConfigError(f"unknown top-level key '{unknown[0]}'; valid keys: seed, "
-                          f"{', '.join(_SECTIONS)}")
-    seed = cfg.get("seed", 42)
-    if not isinstance(seed, int):
+                          f"{', '.join(SECTIONS)}")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed={seed!r} must be an integer")
-    sections = {name: load_section(cfg, name, schema) for name, schema in _SECTIONS.items()}
+    sections = {name: load_section(cfg, name, schema) for name, schema in SECTIONS.items()}
     return PipelineConfig(seed=seed, **sections)
 
 
-def to_flat_dict(cfg: PipelineConfig) -> dict[str, Any]:
-    """``{"train.learning_rate": 1e-4, ...}``: the resolved config as MLflow params."""
-    flat: dict[str, Any] = {}
+class UndeclaredParamError(RuntimeError):
+    """A stage read a config value it does not declare: a bug in the stage, not a user error,
+    since DVC would not re-run the stage when that value changes."""
 
-    def visit(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                visit(f"{prefix}{f.name}.", getattr(value, f.name))
+
+def declared_view(cfg: PipelineConfig, stage: str, params: Sequence[str]) -> PipelineConfig:
+    """``cfg`` as stage ``stage`` may read it: the sections and keys in ``params`` (the stage's
+    ``params`` in dvc.yaml) plus the untracked sections; reading anything else raises
+    :class:`UndeclaredParamError`. :func:`unguarded` gives the whole config back, for records."""
+    readable_keys: dict[str, set[str]] = {}
+    for param in params:
+        section, _, key = param.partition(".")
+        readable_keys.setdefault(section, set()).add(key)
+    sections = {}
+    for name in SECTIONS:
+        value = getattr(cfg, name)
+        keys = readable_keys.get(name, set())
+        if name in UNTRACKED_SECTIONS or "" in keys:
+            sections[name] = value
         else:
-            flat[prefix[:-1]] = value
+            sections[name] = _guard(value, stage, keys, f"{name}.")
+    view = _guard(PipelineConfig(seed=cfg.seed, **sections), stage,
+                  {"seed", *SECTIONS} if "seed" in readable_keys else set(SECTIONS), "")
+    object.__setattr__(view, "_unguarded", cfg)
+    return view
 
-    visit("", cfg)
+
+def unguarded(cfg: PipelineConfig) -> PipelineConfig:
+    """The whole config behind a :func:`declared_view` (tracking records every value)."""
+    try:
+        return object.__getattribute__(cfg, "_unguarded")
+    except AttributeError:
+        return cfg
+
+
+_GUARDED_CLASSES: dict[type, type] = {}
+
+
+def _guard(section: Any, stage: str, readable: set[str], prefix: str) -> Any:
+    cls = type(section)
+    if cls not in _GUARDED_CLASSES:
+        names = frozenset(schema_keys(cls))
+
+        def __getattribute__(self, name):  # noqa: N807 - the dunder being defined
+            if name in names and name not in object.__getattribute__(self, "_readable"):
+                where = object.__getattribute__(self, "_where")
+                raise UndeclaredParamError(
+                    f"stage '{where[0]}' reads {where[1]}{name}, which it does not declare: add "
+                    f"it to PARAMS in stages/{where[0]}.py and to the stage's params in dvc.yaml")
+            return object.__getattribute__(self, name)
+
+        _GUARDED_CLASSES[cls] = type(f"Declared{cls.__name__}", (cls,),
+                                     {"__getattribute__": __getattribute__})
+    guarded = object.__new__(_GUARDED_CLASSES[cls])
+    guarded.__dict__.update(section.__dict__)
+    object.__setattr__(guarded, "_readable", frozenset(readable))
+    object.__setattr__(guarded, "_where", (stage, prefix))
+    return guarded
+
+
+def to_flat_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """``{"train.learning_rate": 1e-4, ...}``: the resolved config as MLflow params (keys that
+    do not apply to the chosen options left out)."""
+    flat: dict[str, Any] = {}
+    for prefix, section in to_nested_dict(cfg).items():
+        if isinstance(section, dict):
+            flat.update({f"{prefix}.{key}": value for key, value in section.items()})
+        else:
+            flat[prefix] = section
     return flat
+
+
+def to_nested_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """The resolved config as params.yaml holds it: loadable as one to reproduce a run."""
+    full = unguarded(cfg)
+    nested: dict[str, Any] = {"seed": full.seed}
+    for name, schema in SECTIONS.items():
+        values = dataclasses.asdict(getattr(full, name))
+        nested[name] = {key: values[key] for key in applicable_keys(schema, values)}
+    return nested

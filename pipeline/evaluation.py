@@ -1,10 +1,7 @@
-"""Metrics and the evaluate stage: predictions, probabilities, metrics and a confusion matrix.
+"""The evaluate stage: predictions, probabilities, metrics and a confusion matrix.
 
-Labelled splits get the task's metrics; unlabelled splits (GLUE's hidden test sets) get
-predictions and a GLUE submission file.
-
-Metrics come from scikit-learn: ``evaluate.load`` fetches metric scripts from the Hub at run
-time, which a pipeline that must re-run offline cannot depend on.
+Labelled splits get the task's metrics (:mod:`pipeline.metrics`); unlabelled splits (GLUE's
+hidden test sets) get predictions and a GLUE submission file.
 """
 
 from __future__ import annotations
@@ -13,18 +10,17 @@ import csv
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
-import datasets
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from pipeline.artifacts import atomic_dir, atomic_file, write_json
-from pipeline.data import (
+from pipeline.contracts import (
     IDX,
     LABEL,
+    LABELS,
     TEXT,
     TEXT_PAIR,
     is_labeled,
@@ -32,91 +28,11 @@ from pipeline.data import (
     load_snapshot,
     validation_split_name,
 )
-from pipeline.config import REGRESSION_METRICS
-from pipeline.errors import ConfigError, DataValidationError
+from pipeline.errors import DataValidationError
 from pipeline.inference import load_classifier, postprocess
-from pipeline.tokenization import LABELS
+from pipeline.metrics import compute_metrics, task_metrics
 
 logger = logging.getLogger(__name__)
-
-
-def _f1(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
-    return float(f1_score(labels, predictions, average="binary", zero_division=0))
-
-
-def _macro_f1(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
-    return float(f1_score(labels, predictions, average="macro", labels=list(range(num_labels)),
-                          zero_division=0))
-
-
-def _correlation(function):
-    def metric(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> Optional[float]:
-        if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
-            return None  # undefined for constant input (JSON null, not NaN)
-        return float(function(labels, predictions)[0])
-    return metric
-
-
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], Optional[float]]] = {
-    "accuracy": lambda labels, predictions, n: float(accuracy_score(labels, predictions)),
-    "f1": _f1,  # of the positive class (label id 1): GLUE's F1 for MRPC and QQP
-    "macro_f1": _macro_f1,
-    "mcc": lambda labels, predictions, n: float(matthews_corrcoef(labels, predictions)),
-    "pearson": _correlation(pearsonr),
-    "spearman": _correlation(spearmanr),
-}
-
-
-def task_metrics(configured: Optional[Sequence[str]], main_metric: str, num_labels: int,
-                 regression: bool) -> list[str]:
-    """The metrics to compute: ``dataset.metrics``, or the task's usual set when it is null
-    (regression: Pearson and Spearman; two labels: accuracy, F1, MCC; more: macro-F1 for F1).
-
-    Raises:
-        ConfigError: a metric that does not fit the data (F1 of the positive class with more
-            than two labels, a correlation for labels), or a main metric not computed.
-    """
-    if configured:
-        names = list(configured)
-    elif regression:
-        names = ["pearson", "spearman"]
-    else:
-        names = ["accuracy", "f1" if num_labels == 2 else "macro_f1", "mcc"]
-    for name in names:
-        if regression != (name in REGRESSION_METRICS):
-            kind = "a regression task" if regression else "classification"
-            raise ConfigError(f"dataset.metrics: {name} does not apply to {kind}")
-        if name == "f1" and num_labels != 2:
-            raise ConfigError(f"dataset.metrics: f1 is the F1 of the positive class of two labels; "
-                              f"the data has {num_labels} labels: use macro_f1")
-    if main_metric not in names:
-        raise ConfigError(f"dataset.main_metric={main_metric} is not among the metrics computed "
-                          f"for this data: {', '.join(names)}")
-    return names
-
-
-def compute_metrics(labels: np.ndarray, predictions: np.ndarray, metrics: Sequence[str],
-                    num_labels: int) -> dict[str, Optional[float]]:
-    """``metrics`` of ``predictions`` (label ids, or scores for regression) against ``labels``."""
-    return {name: METRICS[name](labels, predictions, num_labels) for name in metrics}
-
-
-def trainer_metrics(eval_prediction, metrics: Sequence[str], num_labels: int) -> dict[str, float]:
-    """``compute_metrics`` in the form ``Trainer`` calls it (logits and label ids)."""
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    predictions = logits[:, 0] if num_labels == 1 else np.argmax(logits, axis=-1)
-    # Trainer cannot compare None when picking the best checkpoint: an undefined correlation
-    # (constant predictions) counts as no correlation.
-    return {k: 0.0 if v is None else v
-            for k, v in compute_metrics(labels, predictions, metrics, num_labels).items()}
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> np.ndarray:
-    matrix = np.zeros((num_labels, num_labels), dtype=int)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix
 
 
 class Predictor:
@@ -157,6 +73,8 @@ def evaluate_model(model_dir: str, raw_dir: str, tokenized_dir: str, metrics_pat
     ``predictions_dir/submission``. Returns the metrics keyed by split; ``primary_split`` names
     the headline split, whose confusion matrix is written.
     """
+    import datasets
+
     raw = load_snapshot(raw_dir)
     tokenized = datasets.load_from_disk(tokenized_dir)
     splits = [name for name in raw if name != "train"]

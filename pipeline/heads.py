@@ -84,10 +84,10 @@ class PooledClassifier(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
     @classmethod
-    def from_body(cls, checkpoint_dir: str, *, pooling: str, hidden_sizes: list[int],
-                  dropout: float, **config_kwargs) -> "PooledClassifier":
-        """A new head on the pretrained body in ``checkpoint_dir``."""
-        body = AutoModel.from_pretrained(checkpoint_dir)
+    def from_body(cls, pretrained_dir: str, *, pooling: str, hidden_sizes: list[int],
+                  dropout: float, **config_kwargs) -> PooledClassifier:
+        """A new head on the pretrained body in ``pretrained_dir``."""
+        body = AutoModel.from_pretrained(pretrained_dir)
         config = PooledClassifierConfig(body=body.config.to_dict(), pooling=pooling,
                                         hidden_sizes=hidden_sizes, head_dropout=dropout,
                                         **config_kwargs)

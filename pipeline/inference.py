@@ -6,7 +6,8 @@ row gets the same label and probabilities here as in the evaluate stage's predic
 folder's tokenizer truncates where training did (the train stage saves the tokenize stage's
 ``max_length`` as its ``model_max_length``).
 
-This module imports no data or tracking code: MLflow's served model loads it on its own.
+This module imports no data or tracking code: MLflow's served model loads it on its own. It is
+the model loader of the evaluate stage, the inference command and the served model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-TEXT, TEXT_PAIR = "text", "text_pair"
+from pipeline.contracts import TEXT, TEXT_PAIR
+
 MLFLOW_ARTIFACT = "model"  # the model folder's name inside the logged MLflow model
 
 

@@ -2,104 +2,20 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.artifacts import atomic_dir, read_json
 from pipeline.config import PipelineConfig
-from pipeline.data import load_manifest
-from pipeline.evaluation import confusion_matrix
-from pipeline.tokenization import STATS
+from pipeline.contracts import load_pretrained_manifest, load_raw_manifest, load_tokenize_stats
+from pipeline.plots import plot_confusion, plot_scores, plot_training_curves, read_confusion
 
 logger = logging.getLogger(__name__)
 
 REPORT = "report.md"
 MODEL_CARD = "README.md"
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on CI or GPU nodes
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_training(history: list[dict[str, Any]], metric: str, path: Path) -> None:
-    plt = pyplot()
-    steps = [(h["step"], h["loss"], h.get("learning_rate")) for h in history if "loss" in h]
-    evals = [(h["epoch"], h.get(f"eval_{metric}"), h.get("eval_loss")) for h in history
-             if "eval_loss" in h]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    if steps:
-        axes[0].plot([s[0] for s in steps], [s[1] for s in steps], label="train loss")
-        lr_axis = axes[0].twinx()
-        lr_axis.plot([s[0] for s in steps], [s[2] for s in steps], color="tab:gray",
-                     linestyle="--", label="learning rate")
-        lr_axis.set_ylabel("learning rate")
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("loss")
-    axes[0].set_title("training loss and learning rate")
-    if evals:
-        axes[1].plot([e[0] for e in evals], [e[1] for e in evals], marker="o", label=metric)
-        axes[1].plot([e[0] for e in evals], [e[2] for e in evals], marker="s", label="loss")
-        axes[1].legend()
-    axes[1].set_xlabel("epoch")
-    axes[1].set_title("validation each epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_confusion(matrix: np.ndarray, names: list[str], split: str, path: Path) -> None:
-    plt = pyplot()
-    size = 1.0 + 0.7 * len(names)
-    fig, axis = plt.subplots(figsize=(size + 1.5, size))
-    image = axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axis.set_yticks(range(len(names)), names)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("actual")
-    axis.set_title(f"confusion matrix ({split})")
-    for (row, col), count in np.ndenumerate(matrix):
-        axis.text(col, row, str(count), ha="center", va="center",
-                  color="white" if count > matrix.max() / 2 else "black")
-    fig.colorbar(image)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_scores(predictions: Path, split: str, path: Path) -> None:
-    """Regression: predicted score against gold score, one dot per example."""
-    plt = pyplot()
-    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
-    gold, predicted = [r["gold"] for r in rows], [r["score"] for r in rows]
-    fig, axis = plt.subplots(figsize=(4.8, 4.4))
-    axis.scatter(gold, predicted, s=8, alpha=0.5)
-    low, high = min(gold + predicted), max(gold + predicted)
-    axis.plot([low, high], [low, high], color="grey", linewidth=1)
-    axis.set_xlabel("gold score")
-    axis.set_ylabel("predicted score")
-    axis.set_title(f"predicted vs gold ({split})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _read_confusion(path: str, names: list[str]) -> np.ndarray:
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    index = {name: i for i, name in enumerate(names)}
-    return confusion_matrix(np.array([index[r["actual"]] for r in rows], dtype=int),
-                            np.array([index[r["predicted"]] for r in rows], dtype=int), len(names))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -116,7 +32,8 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     splits = [s for s, v in metrics.items() if isinstance(v, dict)]
     names = [k for k in metrics[splits[0]] if k != "examples"]
     return _table(["split", "examples", *names],
-                  [[s, metrics[s]["examples"], *(_fmt(metrics[s][n]) for n in names)] for s in splits])
+                  [[s, metrics[s]["examples"], *(_fmt(metrics[s][n]) for n in names)]
+                   for s in splits])
 
 
 def _data_table(manifest: dict[str, Any], token_stats: dict[str, Any]) -> str:
@@ -152,13 +69,13 @@ def _describe_strategy(cfg: PipelineConfig) -> str:
             "finetune": "finetune: every weight trains"}[train.strategy]
 
 
-def _config_table(cfg: PipelineConfig, checkpoint: dict[str, Any]) -> str:
+def _config_table(cfg: PipelineConfig, pretrained: dict[str, Any]) -> str:
     rows = [
         ["dataset", f"{cfg.dataset.name} ({cfg.dataset.source}: `{cfg.dataset.path}`"
                     f"{' ' + cfg.dataset.subset if cfg.dataset.subset else ''}, revision "
                     f"{cfg.dataset.revision})"],
         ["model", f"{cfg.model.name} ({cfg.model.source}: `{cfg.model.path}`, revision "
-                  f"{checkpoint.get('revision')}, {checkpoint.get('model_type')})"],
+                  f"{pretrained.get('revision')}, {pretrained.get('model_type')})"],
         ["max_length", cfg.tokenize.max_length],
         ["head", _describe_head(cfg)],
         ["strategy", _describe_strategy(cfg)],
@@ -177,9 +94,9 @@ def write_report(cfg: PipelineConfig) -> list[Path]:
     Returns the report files, for logging to the model's MLflow run.
     """
     paths = cfg.paths
-    manifest = load_manifest(paths.raw_dir)
-    checkpoint = read_json(Path(paths.checkpoint_dir) / "checkpoint_manifest.json")
-    token_stats = read_json(Path(paths.tokenized_dir) / STATS)
+    manifest = load_raw_manifest(paths.raw_dir)
+    pretrained = load_pretrained_manifest(paths.pretrained_dir)
+    token_stats = load_tokenize_stats(paths.tokenized_dir)
     history = read_json(paths.history_path)
     metrics = read_json(paths.metrics_path)
     names = manifest["label_names"]
@@ -189,7 +106,7 @@ def write_report(cfg: PipelineConfig) -> list[Path]:
     leakage = manifest["leakage"]
 
     sections = {
-        "config": _config_table(cfg, checkpoint),
+        "config": _config_table(cfg, pretrained),
         "data": _data_table(manifest, token_stats),
         "metrics": _metrics_table(metrics),
     }
@@ -224,23 +141,23 @@ Truncation is at {token_stats['max_length']} tokens.
 ![{'predicted vs gold' if regression else 'confusion matrix'}]({figure})
 """
     with atomic_dir(paths.report_dir) as tmp:
-        _plot_training(history, metric, tmp / "training_curves.png")
+        plot_training_curves(history, metric, tmp / "training_curves.png")
         if regression:
-            _plot_scores(Path(paths.predictions_dir) / f"{primary}.jsonl", primary, tmp / figure)
+            plot_scores(Path(paths.predictions_dir) / f"{primary}.jsonl", primary, tmp / figure)
         else:
-            _plot_confusion(_read_confusion(paths.confusion_path, names), names, primary,
+            plot_confusion(read_confusion(paths.confusion_path, names), names, primary,
                             tmp / figure)
         (tmp / REPORT).write_text(report)
     with atomic_dir(paths.release_dir) as tmp:
         for file in Path(paths.model_dir).iterdir():
             shutil.copy2(file, tmp / file.name)
-        (tmp / MODEL_CARD).write_text(model_card(cfg, manifest, checkpoint, metrics, sections))
+        (tmp / MODEL_CARD).write_text(model_card(cfg, manifest, pretrained, metrics, sections))
     report_dir = Path(paths.report_dir)
     return [report_dir / REPORT, report_dir / "training_curves.png", report_dir / figure,
             Path(paths.release_dir) / MODEL_CARD]
 
 
-def model_card(cfg: PipelineConfig, manifest: dict[str, Any], checkpoint: dict[str, Any],
+def model_card(cfg: PipelineConfig, manifest: dict[str, Any], pretrained: dict[str, Any],
                metrics: dict[str, Any], sections: dict[str, str]) -> str:
     names = manifest["label_names"]
     primary = metrics["primary_split"]
@@ -255,7 +172,7 @@ def model_card(cfg: PipelineConfig, manifest: dict[str, Any], checkpoint: dict[s
         head = f"a new classification head for {len(names)} labels ({', '.join(names)})"
         purpose = "Classifying"
     pooled_note = ("\nThe pooled head is this project's own class: `import pipeline.heads` before "
-                   "loading it with transformers, or use `python -m stages.predict --model "
+                   "loading it with transformers, or use `hf-text-pipeline predict --model "
                    "<this folder>`.\n" if cfg.head.type == "pooled" else "")
     return f"""---
 library_name: transformers
@@ -265,8 +182,8 @@ pipeline_tag: text-classification
 
 # {cfg.model.name} fine-tuned on {cfg.dataset.name}
 
-A `{checkpoint.get('model_type')}` sequence classifier: the pretrained body of `{base}`
-(revision {checkpoint.get('revision')}) with {head}, trained on {cfg.dataset.name}
+A `{pretrained.get('model_type')}` sequence classifier: the pretrained body of `{base}`
+(revision {pretrained.get('revision')}) with {head}, trained on {cfg.dataset.name}
 ({_describe_strategy(cfg)}; head: {_describe_head(cfg)}).
 
 ## Intended use

@@ -14,13 +14,18 @@ import datasets
 import numpy as np
 
 from pipeline.artifacts import atomic_dir, hash_path, write_json
-from pipeline.data import LABEL, TEXT, TEXT_PAIR, load_snapshot
-from pipeline.modeling import load_tokenizer
+from pipeline.contracts import (
+    LABEL,
+    LABELS,
+    TEXT,
+    TEXT_PAIR,
+    TOKENIZE_STATS,
+    load_pretrained_tokenizer,
+    load_snapshot,
+)
 
 logger = logging.getLogger(__name__)
 
-STATS = "tokenize_stats.json"
-LABELS = "labels"
 _UNTRUNCATED = "untruncated_length"
 
 
@@ -50,7 +55,7 @@ def length_stats(untruncated: list[int], max_length: int) -> dict[str, Any]:
     }
 
 
-def tokenize_dataset(raw_dir: str, checkpoint_dir: str, out_dir: str, max_length: int,
+def tokenize_dataset(raw_dir: str, pretrained_dir: str, out_dir: str, max_length: int,
                      num_proc: int = 1) -> dict[str, Any]:
     """Tokenize every split of the snapshot in ``raw_dir`` with the checkpoint's tokenizer.
 
@@ -58,10 +63,10 @@ def tokenize_dataset(raw_dir: str, checkpoint_dir: str, out_dir: str, max_length
     uses them, labels) and per-split length statistics to ``out_dir``; returns the statistics.
     """
     dataset = load_snapshot(raw_dir)
-    tokenizer = load_tokenizer(checkpoint_dir)
+    tokenizer = load_pretrained_tokenizer(pretrained_dir)
     # Fingerprints normally come from the cache; DVC is our cache, so derive them from the
     # inputs instead and keep the saved dataset byte-identical across identical runs.
-    base = hashlib.sha256(f"{hash_path(raw_dir)}|{hash_path(checkpoint_dir)}|{max_length}"
+    base = hashlib.sha256(f"{hash_path(raw_dir)}|{hash_path(pretrained_dir)}|{max_length}"
                           .encode()).hexdigest()
     stats: dict[str, Any] = {"max_length": max_length, "splits": {}}
     encoded = {}
@@ -88,5 +93,5 @@ def tokenize_dataset(raw_dir: str, checkpoint_dir: str, out_dir: str, max_length
                 "examples", "tokens", "truncation_rate", "length_p50", "length_p95")))
     with atomic_dir(out_dir) as tmp:
         result.save_to_disk(str(tmp))
-        write_json(tmp / STATS, stats)
+        write_json(tmp / TOKENIZE_STATS, stats)
     return stats

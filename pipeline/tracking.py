@@ -16,12 +16,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import PipelineConfig, to_flat_dict
+from pipeline.artifacts import hash_path
+from pipeline.config import PipelineConfig, to_flat_dict, to_nested_dict, unguarded
+from pipeline.contracts import (
+    TEXT,
+    TEXT_PAIR,
+    load_pretrained_manifest,
+    load_raw_manifest,
+    load_snapshot,
+    validation_split_name,
+)
 
 logger = logging.getLogger(__name__)
 
 MODEL_SHA_TAG = "model_sha256"
 DEFAULT_DB = "mlflow.db"
+# Set by the sweep callback (hydra_plugins/mlflow_sweep) in the launching process; launcher
+# workers inherit it, and each job's train run becomes a child of the sweep's parent run.
+SWEEP_PARENT_ENV = "PIPELINE_SWEEP_PARENT_RUN_ID"
 
 
 def project_root(cwd: Optional[Path] = None) -> Path:
@@ -40,7 +52,8 @@ def project_root(cwd: Optional[Path] = None) -> Path:
 
 def tracking_uri(root: Optional[Path] = None) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite database at an absolute path in the project."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or project_root()) / DEFAULT_DB}"
+    return (os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(root or project_root()) / DEFAULT_DB}")
 
 
 def _git(args: list[str], cwd: Path) -> Optional[str]:
@@ -63,7 +76,8 @@ def git_state(cwd: Optional[Path] = None) -> dict[str, str]:
 
 
 def set_experiment(name: str) -> str:
-    """Select (creating if needed) the experiment; artifacts of the default store stay in the project."""
+    """Select (creating if needed) the experiment; artifacts of the default store stay in the
+    project."""
     import mlflow
 
     uri = tracking_uri()
@@ -108,7 +122,8 @@ def find_model_run(experiment_id: str, model_sha: str) -> Optional[str]:
     """The newest run of this experiment that trained the model with this content hash."""
     import mlflow
 
-    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.{MODEL_SHA_TAG} = '{model_sha}'",
+    runs = mlflow.search_runs([experiment_id],
+                              filter_string=f"tags.{MODEL_SHA_TAG} = '{model_sha}'",
                               order_by=["attributes.start_time DESC"], max_results=1,
                               output_format="list")
     return runs[0].info.run_id if runs else None
@@ -122,7 +137,7 @@ class _Terminated(BaseException):
     """
 
 
-def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
@@ -138,6 +153,7 @@ def stage_run(stage: str, cfg: PipelineConfig, *, run_id: Optional[str] = None,
     """
     import mlflow
 
+    cfg = unguarded(cfg)  # records hold every value, also those the stage does not read
     experiment_id = set_experiment(cfg.tracking.experiment_name)
     previous = signal.signal(signal.SIGTERM, _raise_terminated) \
         if _in_main_thread() else None
@@ -180,15 +196,22 @@ def _append_stage(run, stage: str) -> str:
     return ",".join([s for s in done.split(",") if s and s != stage] + [stage])
 
 
+def run_name(cfg: PipelineConfig) -> str:
+    """``<model>-<dataset>``: the name of the run that follows one trained model."""
+    cfg = unguarded(cfg)
+    return f"{cfg.model.name}-{cfg.dataset.name}"
+
+
 @contextlib.contextmanager
 def model_run(stage: str, cfg: PipelineConfig, model_sha: str) -> Iterator[Any]:
     """Reopen the run that trained the model with ``model_sha``, or start one if none is found
     (a wiped database, or a model trained with tracking elsewhere)."""
+    cfg = unguarded(cfg)
     experiment_id = set_experiment(cfg.tracking.experiment_name)
     run_id = find_model_run(experiment_id, model_sha)
     if run_id is None:
         logger.warning("no MLflow run trained model %s; starting a new run", model_sha[:12])
-    with stage_run(stage, cfg, run_id=run_id, run_name=f"{cfg.model.name}-{cfg.dataset.name}",
+    with stage_run(stage, cfg, run_id=run_id, run_name=run_name(cfg),
                    log_params=run_id is None) as run:
         if run_id is None:
             import mlflow
@@ -201,9 +224,35 @@ def log_metrics_by_split(metrics: dict[str, Any]) -> None:
     """``{"test": {"accuracy": .9}}`` -> MLflow metrics ``test_accuracy`` and so on."""
     import mlflow
 
-    flat = {f"{split}_{name}": value for split, values in metrics.items() if isinstance(values, dict)
+    flat = {f"{split}_{name}": value
+            for split, values in metrics.items() if isinstance(values, dict)
             for name, value in values.items() if isinstance(value, (int, float))}
     mlflow.log_metrics(flat)
+
+
+def lineage_tags(raw_dir: str, pretrained_dir: str, tokenized_dir: str) -> dict[str, str]:
+    """Content hashes and revisions of what a model was trained from."""
+    return {
+        "dataset_sha256": hash_path(raw_dir),
+        "tokenized_sha256": hash_path(tokenized_dir),
+        "checkpoint_sha256": load_pretrained_manifest(pretrained_dir)["sha256"],
+        "dataset_revision": str(load_raw_manifest(raw_dir)["provenance"]["revision"]),
+    }
+
+
+def log_config(cfg: PipelineConfig) -> None:
+    """The whole resolved config as an artifact, loadable as a params.yaml to reproduce the run."""
+    import mlflow
+
+    mlflow.log_dict(to_nested_dict(cfg), "config/params.yaml")
+
+
+def input_example(raw_dir: str, rows: int = 2) -> list[dict[str, str]]:
+    """A few validation rows (texts cut to 500 characters) to log with the MLflow model."""
+    raw = load_snapshot(raw_dir)
+    split = raw[validation_split_name(list(raw))].select(range(rows))
+    columns = [c for c in (TEXT, TEXT_PAIR) if c in split.column_names]
+    return [{c: row[c][:500] for c in columns} for row in split]
 
 
 def log_model(model_dir: str, input_example: list[dict[str, str]]) -> None:

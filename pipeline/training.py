@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,13 +18,19 @@ from typing import Any, Optional
 
 import datasets
 
-from pipeline.artifacts import atomic_dir, hash_path, read_json, write_json
-from pipeline.config import HeadConfig, PipelineConfig, TrainConfig
-from pipeline.data import is_regression, validation_split_name
+from pipeline import tracking
+from pipeline.artifacts import atomic_dir, hash_path, write_json
+from pipeline.config import HeadConfig, PipelineConfig, RuntimeConfig, TrainConfig
+from pipeline.contracts import (
+    LABELS,
+    is_regression,
+    load_pretrained_tokenizer,
+    load_tokenize_stats,
+    validation_split_name,
+)
 from pipeline.errors import ConfigError
-from pipeline.evaluation import task_metrics, trainer_metrics
-from pipeline.modeling import build_model, load_tokenizer
-from pipeline.tokenization import LABELS, STATS
+from pipeline.metrics import task_metrics, trainer_metrics
+from pipeline.modeling import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +63,11 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     return device, requested
 
 
-def run_fingerprint(cfg: PipelineConfig, tokenized_dir: str, checkpoint_dir: str) -> str:
+def run_fingerprint(cfg: PipelineConfig, tokenized_dir: str, pretrained_dir: str) -> str:
     """Identity of a training run: its inputs and settings, for resuming the right checkpoints."""
     key = json.dumps({"train": asdict(cfg.train), "head": asdict(cfg.head), "seed": cfg.seed,
                       "metric": cfg.dataset.main_metric, "metrics": cfg.dataset.metrics,
-                      "data": hash_path(tokenized_dir), "model": hash_path(checkpoint_dir)},
+                      "data": hash_path(tokenized_dir), "model": hash_path(pretrained_dir)},
                      sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -125,11 +132,11 @@ def _mlflow_callback():
     return PhasedMLflowCallback()
 
 
-def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: str,
-                metrics: Optional[Sequence[str]], checkpoint_dir: str, tokenized_dir: str,
-                output_dir: str, history_path: str, work_dir: str, log_to_mlflow: bool = False,
-                callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Train ``checkpoint_dir`` with a new ``head`` on ``tokenized_dir``; save the best model to
+def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, seed: int,
+                main_metric: str, metrics: Optional[Sequence[str]], pretrained_dir: str,
+                tokenized_dir: str, output_dir: str, history_path: str, work_dir: str,
+                log_to_mlflow: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train ``pretrained_dir`` with a new ``head`` on ``tokenized_dir``; save the best model to
     ``output_dir``.
 
     Runs the phases of ``cfg.strategy`` one after the other on the same model. Each evaluates on
@@ -137,7 +144,7 @@ def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: s
     ``metric_for_best_model`` (default: the dataset's main metric). Checkpoints go to
     ``work_dir`` (one folder per phase); a run interrupted there resumes from its last
     checkpoint when started again with the same inputs, and ``work_dir`` is removed after
-    success unless ``cfg.keep_checkpoints``.
+    success unless ``runtime.keep_checkpoints``.
     """
     from transformers import TrainerState, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -155,10 +162,10 @@ def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: s
     eval_split = _cap(data[validation], cfg.max_eval_samples, seed)
 
     set_seed(seed)  # before the new head is initialised
-    tokenizer = load_tokenizer(checkpoint_dir)
+    tokenizer = load_pretrained_tokenizer(pretrained_dir)
     # Saved with the model, so inference on raw text truncates where training did.
-    tokenizer.model_max_length = read_json(Path(tokenized_dir) / STATS)["max_length"]
-    model, head_parameters = build_model(checkpoint_dir, label_names, head, regression)
+    tokenizer.model_max_length = load_tokenize_stats(tokenized_dir)["max_length"]
+    model, head_parameters = build_model(pretrained_dir, label_names, head, regression)
     metric = cfg.metric_for_best_model or main_metric
     if metric not in metric_names:
         raise ConfigError(f"train.metric_for_best_model={metric} is not among the metrics "
@@ -178,7 +185,7 @@ def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: s
             logger.info("phase %s finished before the interruption", phase.name)
         else:
             trainable = set_trainable(model, head_parameters, phase.head_only)
-            trainer = _trainer(cfg, phase, model, tokenizer, train_split, eval_split,
+            trainer = _trainer(cfg, runtime, phase, model, tokenizer, train_split, eval_split,
                                str(phase_dir), device, precision, seed, metric, output_dir,
                                functools.partial(trainer_metrics, metrics=metric_names,
                                                  num_labels=len(label_names) or 1),
@@ -214,7 +221,7 @@ def train_model(cfg: TrainConfig, head: HeadConfig, *, seed: int, main_metric: s
             trainer.model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         write_json(history_path, history)
-        if not cfg.keep_checkpoints:
+        if not runtime.keep_checkpoints:
             shutil.rmtree(work_dir, ignore_errors=True)
     return TrainResult(
         eval_metrics={k.removeprefix("eval_"): v for k, v in eval_metrics.items()
@@ -234,9 +241,9 @@ def _later_phase_started(later: Sequence[Phase], work_dir: str) -> bool:
     return any(folder.is_dir() and get_last_checkpoint(str(folder)) for folder in folders)
 
 
-def _trainer(cfg: TrainConfig, phase: Phase, model, tokenizer, train_split, eval_split,
-             work_dir: str, device: str, precision: str, seed: int, metric: str,
-             output_dir: str, compute_metrics, callbacks: list[Any]):
+def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, tokenizer,
+             train_split, eval_split, work_dir: str, device: str, precision: str, seed: int,
+             metric: str, output_dir: str, compute_metrics, callbacks: list[Any]):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -244,7 +251,7 @@ def _trainer(cfg: TrainConfig, phase: Phase, model, tokenizer, train_split, eval
         learning_rate=phase.learning_rate,
         num_train_epochs=phase.epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        per_device_eval_batch_size=runtime.eval_batch_size,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of all steps (transformers 5)
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -255,7 +262,7 @@ def _trainer(cfg: TrainConfig, phase: Phase, model, tokenizer, train_split, eval
         load_best_model_at_end=True,
         metric_for_best_model=metric,
         greater_is_better=True,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=runtime.save_total_limit,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
@@ -279,3 +286,40 @@ def _trainer(cfg: TrainConfig, phase: Phase, model, tokenizer, train_split, eval
         compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
+
+
+def is_main_process() -> bool:
+    """False in a torchrun worker other than rank 0, which trains its share but records nothing."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, work_dir: str,
+                     run_name_suffix: str = "",
+                     tags: Optional[dict[str, str]] = None) -> dict[str, float]:
+    """The train stage: train by :func:`train_model` into ``model_dir`` inside one MLflow run
+    (rank 0 only) that holds the config, the lineage of data and pretrained weights, the curves,
+    the validation metrics and the model. Returns the best checkpoint's validation metrics (what
+    a sweeper optimises)."""
+    paths = cfg.paths
+    fit = functools.partial(train_model, cfg.train, cfg.head, cfg.runtime, seed=cfg.seed,
+                            main_metric=cfg.dataset.main_metric, metrics=cfg.dataset.metrics,
+                            pretrained_dir=paths.pretrained_dir, tokenized_dir=paths.tokenized_dir,
+                            output_dir=model_dir, history_path=history_path, work_dir=work_dir)
+    if not is_main_process():
+        return fit(log_to_mlflow=False).eval_metrics
+    with tracking.stage_run("train", cfg, parent_run_id=os.environ.get(tracking.SWEEP_PARENT_ENV),
+                            run_name=tracking.run_name(cfg) + run_name_suffix, log_params=True):
+        import mlflow
+
+        mlflow.set_tags({**tracking.lineage_tags(paths.raw_dir, paths.pretrained_dir,
+                                                 paths.tokenized_dir),
+                         "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
+        tracking.log_config(cfg)
+        result = fit(log_to_mlflow=True)
+        mlflow.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir), "device": result.device,
+                         "precision": result.precision})
+        mlflow.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()
+                            if isinstance(v, (int, float))})
+        if cfg.tracking.log_model:
+            tracking.log_model(model_dir, tracking.input_example(paths.raw_dir))
+    return result.eval_metrics

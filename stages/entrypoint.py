@@ -1,30 +1,30 @@
-"""What every stage entrypoint shares: Hydra config, logging, one-line errors.
+"""What every stage entrypoint shares: Hydra config, declared params, help, one-line errors.
 
 Each stage's primary config is ``conf/stage.yaml``: the values in ``params.yaml`` (what DVC
 tracked) plus Hydra's runtime settings, so any value can be overridden on the command line and
-``-m`` sweeps work, while ``dvc repro`` runs exactly what ``params.yaml`` says.
+``-m`` sweeps work, while ``dvc repro`` runs exactly what ``params.yaml`` says. A stage declares
+the params it reads (the same list as its ``params`` in dvc.yaml, checked by a test) and sees
+only those, so DVC re-runs it whenever something it reads changes.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config import PipelineConfig, load_config
-from pipeline.errors import PipelineError
+from pipeline.config import PipelineConfig, declared_view, load_config
+from pipeline.errors import ConfigError, PipelineError
 
 logger = logging.getLogger(__name__)
-
-# Set by stages.sweep.MlflowSweepCallback in the launching process; launcher workers inherit it.
-SWEEP_PARENT_ENV = "PIPELINE_SWEEP_PARENT_RUN_ID"
 
 
 def in_multirun() -> bool:
@@ -34,6 +34,82 @@ def in_multirun() -> bool:
 def job_dir() -> Path:
     """This Hydra job's own output folder (multirun jobs write there, never to DVC outs)."""
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def config_groups(root: Path) -> list[str]:
+    """The groups of conf/config.yaml's defaults list (dataset, model, ...): what `dvc exp run
+    -S group=option` switches."""
+    try:
+        defaults = yaml.safe_load((root / "conf" / "config.yaml").read_text())["defaults"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    groups = []
+    for entry in defaults:
+        if isinstance(entry, dict):
+            groups += [key.removeprefix("optional ").removeprefix("override ").strip()
+                       for key in entry]
+    return groups
+
+
+def _refuse_group_switches(stage: str, overrides: Sequence[str]) -> None:
+    """A stage reads params.yaml, where a group is already a resolved section: Hydra would turn
+    ``dataset=glue_mrpc`` into the string "glue_mrpc". Only DVC's composition switches groups."""
+    groups = config_groups(Path.cwd())
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if equals and key.lstrip("+~") in groups:
+            raise ConfigError(
+                f"'{override}' switches the config group '{key.lstrip('+~')}', which a stage "
+                f"cannot do (it reads params.yaml): run `dvc exp run -S {key.lstrip('+~')}="
+                f"{value}`, or override single values here, e.g. `python -m stages.{stage} "
+                f"{key.lstrip('+~')}.<key>=<value>`")
+
+
+def _dvc_stage(root: Path, stage: str) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of ``stage`` in dvc.yaml, with ``${paths.*}`` filled from params.yaml."""
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
+        paths = yaml.safe_load((root / "params.yaml").read_text()).get("paths", {})
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return [], []
+
+    def fill(entry: Any) -> str:
+        text = next(iter(entry)) if isinstance(entry, dict) else str(entry)
+        for key, value in paths.items():
+            text = text.replace(f"${{paths.{key}}}", str(value))
+        return text
+
+    inputs = [fill(d) for d in spec.get("deps", []) if not str(d).endswith(".py")]
+    outputs = [fill(o) for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])]
+    return inputs, outputs
+
+
+def stage_help(stage: str, summary: str, params: Sequence[str]) -> str:
+    """What ``python -m stages.<stage> --help`` prints: what the stage reads, writes and which
+    params it depends on, and how to change them."""
+    root = Path.cwd()
+    inputs, outputs = _dvc_stage(root, stage)
+    groups = ", ".join(config_groups(root)) or "see conf/"
+    command = f"python -m stages.{stage}"
+    return f"""{command}: {summary}
+
+reads:   {', '.join(inputs) or '(the sources named in params.yaml)'}
+writes:  {', '.join(outputs)}
+params:  {', '.join(params)}   (DVC re-runs the stage when one of them changes)
+
+The stage runs on params.yaml, which `dvc exp run` composes from conf/. Change what DVC tracks:
+  dvc exp run -S dataset=glue_mrpc               switch a config group ({groups})
+  dvc exp run -S train.learning_rate=3e-5         change one value
+  dvc repro                                       run what is out of date
+
+Run this stage alone with overrides (not recorded by DVC; for debugging and sweeps):
+  {command} train.num_train_epochs=1
+  {command} --cfg job                  print the config it would run with
+  {command} -m train.learning_rate=2e-5,5e-5   a Hydra sweep (README, Sweeps)
+
+A group cannot be switched here (`{command} dataset=glue_mrpc` is refused): a stage reads the
+resolved params.yaml. Hydra's own options: --hydra-help.
+"""
 
 
 def _quiet_libraries() -> None:
@@ -47,16 +123,27 @@ def _quiet_libraries() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def run_stage(name: str, body: Callable[[PipelineConfig], Any]) -> None:
-    """Run ``body`` on the validated config; a user-fixable error exits with one line."""
+def run_stage(name: str, body: Callable[[PipelineConfig], Any], params: Sequence[str]) -> None:
+    """Run ``body`` on the validated config, restricted to ``params`` (the stage's params in
+    dvc.yaml); a user-fixable error exits with one line."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        # Hydra's --help lists config groups by walking the whole config folder, which for a
+        # stage is the project root: minutes with a .venv in it, and the groups it lists are
+        # conf/'s, which a stage cannot switch. This help says what a stage user needs.
+        module = sys.modules[body.__module__]
+        # The summary is the docstring's first paragraph, which may wrap over several lines.
+        summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+        print(stage_help(name, summary, params))
+        sys.exit(0)
 
     # Stages run from the project root (as DVC runs them), and read that project's params.yaml.
     @hydra.main(version_base="1.3", config_path=str(Path.cwd()), config_name="conf/stage")
     def main(cfg: DictConfig) -> Any:
         _quiet_libraries()
         try:
+            _refuse_group_switches(name, HydraConfig.get().overrides.task)
             config = load_config(cfg)
-            return body(config)
+            return body(declared_view(config, name, params))
         except PipelineError as exc:
             if in_multirun():
                 raise  # Hydra records the job as failed and the sweep goes on

@@ -1,10 +1,14 @@
-"""DVC stage `evaluate`: paths.model_dir on the held-out splits -> metrics, predictions, submissions."""
+"""DVC stage `evaluate`: paths.model_dir on the held-out splits -> metrics, predictions,
+submissions."""
 
 from pipeline import tracking
 from pipeline.artifacts import hash_path, log_inputs
 from pipeline.config import PipelineConfig
 from pipeline.evaluation import evaluate_model
 from stages.entrypoint import run_stage
+
+PARAMS = ["eval", "dataset.main_metric", "dataset.metrics", "dataset.submission_name",
+          "dataset.submission_labels"]
 
 
 def evaluate(cfg: PipelineConfig) -> None:
@@ -16,7 +20,7 @@ def evaluate(cfg: PipelineConfig) -> None:
         data = cfg.dataset
         metrics = evaluate_model(paths.model_dir, paths.raw_dir, paths.tokenized_dir,
                                  paths.metrics_path, paths.predictions_dir, paths.confusion_path,
-                                 cfg.eval.primary_split, cfg.train.per_device_eval_batch_size,
+                                 cfg.eval.primary_split, cfg.runtime.eval_batch_size,
                                  metrics=data.metrics, main_metric=data.main_metric,
                                  submission_name=data.submission_name,
                                  submission_labels=data.submission_labels)
@@ -26,4 +30,4 @@ def evaluate(cfg: PipelineConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", evaluate)
+    run_stage("evaluate", evaluate, PARAMS)

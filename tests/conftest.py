@@ -84,6 +84,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
 
 
+UNIT_DIR = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/unit/ is the `unit` tier (`make unit`): no subprocess, no training."""
+    for item in items:
+        if UNIT_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(autouse=True)
 def isolated_tracking(tmp_path, monkeypatch):
     """Every test gets its own MLflow database and datasets cache, and no Hub access."""

@@ -47,6 +47,36 @@ def compose_params(overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def config_section(section_name: str, overrides: list[str] | tuple[str, ...] = (), **values):
+    """Section ``section_name`` of conf/'s composition (with Hydra ``overrides``), ``values``
+    replacing keys, validated into its dataclass. The dataset section starts from
+    conf/base/dataset.yaml, not from the default dataset, so a test names only what its data
+    needs."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from pipeline.config import SECTIONS, load_section
+
+    if section_name == "dataset":
+        section = yaml.safe_load((PROJECT / "conf" / "base" / "dataset.yaml").read_text())
+    else:
+        section = compose_params(list(overrides))[section_name]
+    return load_section(OmegaConf.create({section_name: {**section, **values}}), section_name,
+                        SECTIONS[section_name])
+
+
+def run_stages(cfg, *stages: str) -> None:
+    """Run stage functions in-process as `python -m stages.<stage>` does: each on the view of
+    ``cfg`` its PARAMS declare, so reading an undeclared value fails the test."""
+    import importlib
+
+    from pipeline.config import declared_view
+
+    for stage in stages:
+        module = importlib.import_module(f"stages.{stage}")
+        getattr(module, stage)(declared_view(cfg, stage, module.PARAMS))
+
+
 def make_project(root: Path, params: dict, with_git: bool = True) -> Path:
     """A copy of the project (code, conf, dvc.yaml) with its own params.yaml, as a git+DVC repo."""
     import yaml
@@ -57,7 +87,8 @@ def make_project(root: Path, params: dict, with_git: bool = True) -> Path:
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/checkpoints/\n/multirun/\n")
+    (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/checkpoints/\n"
+                                     "/multirun/\n")
     if with_git:
         run(["git", "init", "-q"], root)
         run(["git", "config", "user.email", "ci@example.invalid"], root)

@@ -11,7 +11,15 @@ import mlflow
 import pytest
 import yaml
 from conftest import build_tiny_checkpoint
-from support import compose_params, dvc_executable, make_project, run, subprocess_env, tiny_overrides
+
+from support import (
+    compose_params,
+    dvc_executable,
+    make_project,
+    run,
+    subprocess_env,
+    tiny_overrides,
+)
 
 
 def _write_yaml(path: Path, text: str, data: dict) -> None:
@@ -101,8 +109,8 @@ def test_queued_experiments_switch_model_and_learning_rate(tmp_path, tiny_corpus
         assert mlflow_run.data.metrics["test_accuracy"] == exp["metrics"]["test"]["accuracy"]
 
     out = tmp_path / "comparison"
-    run(["python", "-m", "stages.compare", "--experiment", "tiny_sentiment", "--dvc-experiments",
-         "--output", str(out)], root, env=env)
+    run(["python", "-m", "pipeline.commands", "compare", "--experiment", "tiny_sentiment",
+         "--dvc-experiments", "--output", str(out)], root, env=env)
     table = (out / "runs.md").read_text()
     assert all(name in table for name in experiments)
     assert "model.name" in table and "train.learning_rate" in table

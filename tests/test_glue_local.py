@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 from omegaconf import OmegaConf
-from support import SHARED_GLUE, compose_params
 
 from pipeline.config import DatasetConfig, load_section
-from pipeline.data import prepare_dataset
+from pipeline.preparation import prepare_dataset
+from support import SHARED_GLUE, compose_params
 
 pytestmark = pytest.mark.skipif(not SHARED_GLUE.is_dir(),
                                 reason=f"GLUE local copies not found at {SHARED_GLUE}")
@@ -23,7 +23,8 @@ def glue_config(task: str) -> DatasetConfig:
 
 def test_mrpc_local_copy_keeps_its_splits_pairs_and_label_names():
     dataset, manifest = prepare_dataset(glue_config("mrpc"), seed=42)
-    assert {k: len(v) for k, v in dataset.items()} == {"train": 3668, "validation": 408, "test": 1725}
+    assert {k: len(v) for k, v in dataset.items()} == {"train": 3668, "validation": 408,
+                                                       "test": 1725}
     assert manifest["label_names"] == ["not_equivalent", "equivalent"]
     assert sum(dataset["validation"]["label"]) == 279
     assert set(dataset["train"].column_names) == {"text", "text_pair", "label", "idx"}

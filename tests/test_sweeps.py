@@ -20,9 +20,17 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from support import PROJECT, compose_params, dvc_executable, make_project, run, subprocess_env, tiny_overrides
 
 from pipeline.artifacts import hash_path
+from support import (
+    PROJECT,
+    compose_params,
+    dvc_executable,
+    make_project,
+    run,
+    subprocess_env,
+    tiny_overrides,
+)
 
 # Four epochs let the tiny model separate the learning rates: 1e-2 learns the task, the
 # others stay at or near chance.
@@ -96,7 +104,8 @@ def test_sweep_parent_names_the_best_child_and_logs_the_comparison(project, jobl
         c.data.metrics["validation_accuracy"] for c in children), "the sweep should separate them"
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.tags["best_job"] == best.data.tags["sweep_overrides"]
-    assert parent.data.metrics["best_validation_accuracy"] == best.data.metrics["validation_accuracy"]
+    assert parent.data.metrics["best_validation_accuracy"] == \
+        best.data.metrics["validation_accuracy"]
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert logged == {"comparison/runs.csv", "comparison/runs.md",
                       "comparison/metric_vs_params.png"}
@@ -110,16 +119,17 @@ def test_sweep_parent_names_the_best_child_and_logs_the_comparison(project, jobl
 def test_compare_command_rebuilds_the_comparison(project, joblib_sweep, tmp_path):
     root, env = project
     _, _, parent, children = joblib_sweep
-    done = run([sys.executable, "-m", "stages.compare", "--parent", parent.info.run_id,
-                "--metric", "validation_loss", "--output", str(tmp_path / "cmp")], root, env=env)
+    done = run([sys.executable, "-m", "pipeline.commands", "compare",
+                "--parent", parent.info.run_id, "--metric", "validation_loss",
+                "--output", str(tmp_path / "cmp")], root, env=env)
     assert done.stdout.split() == [str(tmp_path / "cmp" / name)
                                    for name in ("runs.csv", "runs.md", "metric_vs_params.png")]
     rows = list(csv.DictReader((tmp_path / "cmp" / "runs.csv").open()))
     assert len(rows) == 4
     losses = [float(r["validation_loss"]) for r in rows]
     assert losses == sorted(losses, reverse=True), "ranked by the chosen metric"
-    bad = run([sys.executable, "-m", "stages.compare", "--parent", "0" * 32], root, env=env,
-              check=False)
+    bad = run([sys.executable, "-m", "pipeline.commands", "compare", "--parent", "0" * 32], root,
+              env=env, check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("compare: error:")
     assert "Traceback" not in bad.stderr
 

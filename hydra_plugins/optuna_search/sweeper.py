@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -50,14 +50,14 @@ class OptunaSearchConf:
     study_name: Optional[str] = None
     storage: Optional[str] = None  # e.g. sqlite:///optuna.db to resume a search
     # Search space in Hydra's sweep grammar, beside any sweeps given on the command line.
-    params: Dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna_search", node=OptunaSearchConf,
                              provider="hf-text-pipeline")
 
 
-class SweepFailed(RuntimeError):
+class SweepFailedError(RuntimeError):
     pass
 
 
@@ -99,7 +99,7 @@ class OptunaSearchSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
         self.hydra_context = hydra_context
 
-    def _space(self, arguments: List[str]) -> Tuple[List[str], Dict[str, Any]]:
+    def _space(self, arguments: list[str]) -> tuple[list[str], dict[str, Any]]:
         parser = OverridesParser.create()
         lines = [*arguments, *(f"{k}={v}" for k, v in self.params.items())]
         fixed, space = [], {}
@@ -113,19 +113,20 @@ class OptunaSearchSweeper(Sweeper):
                              "(interval(...), choice(...), range(...)) or hydra.sweeper.params")
         return fixed, space
 
-    def _objective(self, value: Any, overrides: List[str]) -> float:
+    def _objective(self, value: Any, overrides: list[str]) -> float:
         if isinstance(value, Mapping):
             if self.metric not in value:
-                raise SweepFailed(f"hydra.sweeper.metric={self.metric!r} is not in what the job "
-                                  f"({' '.join(overrides)}) returned: {', '.join(map(str, value))}")
+                raise SweepFailedError(f"hydra.sweeper.metric={self.metric!r} is not in what the "
+                                       f"job ({' '.join(overrides)}) returned: "
+                                       f"{', '.join(map(str, value))}")
             value = value[self.metric]
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise SweepFailed(f"the job ({' '.join(overrides)}) returned {value!r}, not a number; "
-                              "set hydra.sweeper.metric") from None
+            raise SweepFailedError(f"the job ({' '.join(overrides)}) returned {value!r}, not a "
+                                   "number; set hydra.sweeper.metric") from None
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
         fixed, space = self._space(arguments)
@@ -135,7 +136,7 @@ class OptunaSearchSweeper(Sweeper):
                                     sampler=samplers[self.sampler](seed=self.seed))
         logger.info("optuna_search: %d trials, %d at a time, %s %s over %s", self.n_trials,
                     self.n_jobs, self.direction, self.metric, ", ".join(space))
-        failed: List[str] = []
+        failed: list[str] = []
         while self.job_idx < self.n_trials:
             trials = [study.ask(space)
                       for _ in range(min(self.n_jobs, self.n_trials - self.job_idx))]
@@ -153,15 +154,15 @@ class OptunaSearchSweeper(Sweeper):
                     failed.append(f"{' '.join(overrides)}: {job._return_value!r}")
         self._write_results(study)
         if failed:
-            raise SweepFailed(f"{len(failed)} of {self.n_trials} trials failed: "
-                              + "; ".join(failed))
+            raise SweepFailedError(f"{len(failed)} of {self.n_trials} trials failed: "
+                                   + "; ".join(failed))
         return study
 
     def _write_results(self, study) -> None:
         import optuna
 
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        results: Dict[str, Any] = {"direction": self.direction, "metric": self.metric,
+        results: dict[str, Any] = {"direction": self.direction, "metric": self.metric,
                                    "trials": [{"number": t.number, "state": t.state.name,
                                                "value": t.value, "params": t.params}
                                               for t in study.trials]}

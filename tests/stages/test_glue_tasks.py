@@ -10,14 +10,15 @@ from pathlib import Path
 import mlflow
 import pytest
 from omegaconf import OmegaConf
-from support import assert_same_predictions, compose_params, tiny_overrides, write_glue_fixture
 
 from pipeline.config import load_config
-from stages.download import download
-from stages.evaluate import evaluate
-from stages.report import report
-from stages.tokenize import tokenize
-from stages.train import train
+from support import (
+    assert_same_predictions,
+    compose_params,
+    run_stages,
+    tiny_overrides,
+    write_glue_fixture,
+)
 
 # task: (metrics, labelled evaluation splits, submission files)
 TASKS = {
@@ -45,8 +46,7 @@ def run_task(task: str, root: Path, tiny_corpus: Path, tiny_checkpoint: Path):
     for key, value in params["paths"].items():
         params["paths"][key] = str(root / value)
     cfg = load_config(OmegaConf.create(params))
-    for stage in (download, tokenize, train, evaluate, report):
-        stage(cfg)
+    run_stages(cfg, "download", "tokenize", "train", "evaluate", "report")
     return cfg
 
 

@@ -8,14 +8,16 @@ from pathlib import Path
 import datasets
 import pytest
 from omegaconf import OmegaConf
-from support import assert_same_predictions, compose_params, tiny_overrides, write_glue_fixture
 
 from pipeline.config import load_config
 from pipeline.inference import Classifier
-from stages.download import download
-from stages.evaluate import evaluate
-from stages.tokenize import tokenize
-from stages.train import train
+from support import (
+    assert_same_predictions,
+    compose_params,
+    run_stages,
+    tiny_overrides,
+    write_glue_fixture,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,9 @@ def tiny_roberta(tmp_path_factory) -> Path:
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny_roberta")
-    words = ("the film plot cast story was is really quite very and with a great dull charming "
-             "awful superb boring train validation test").split() + [str(i) for i in range(30)]
+    words = ["the", "film", "plot", "cast", "story", "was", "is", "really", "quite", "very", "and",
+             "with", "a", "great", "dull", "charming", "awful", "superb", "boring", "train",
+             "validation", "test"] + [str(i) for i in range(30)]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([" ".join(words)] * 10, vocab_size=400, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
@@ -58,8 +61,7 @@ def test_roberta_pairs_train_without_token_type_ids(head, tmp_path, tiny_roberta
     for key, value in params["paths"].items():
         params["paths"][key] = str(tmp_path / value)
     cfg = load_config(OmegaConf.create(params))
-    for stage in (download, tokenize, train, evaluate):
-        stage(cfg)
+    run_stages(cfg, "download", "tokenize", "train", "evaluate")
 
     tokenized = datasets.load_from_disk(cfg.paths.tokenized_dir)["train"]
     assert set(tokenized.column_names) == {"input_ids", "attention_mask", "labels"}

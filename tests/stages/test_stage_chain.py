@@ -21,27 +21,23 @@ import pandas as pd
 import pytest
 import yaml
 from omegaconf import OmegaConf
+
+from pipeline.config import load_config
+from pipeline.contracts import LABEL, load_snapshot
+from pipeline.tracking import MODEL_SHA_TAG, stage_run
 from support import (
     PROJECT,
     assert_same_predictions,
     compose_params,
     run,
+    run_stages,
     subprocess_env,
     tiny_overrides,
 )
 
-from pipeline.config import load_config
-from pipeline.data import LABEL, load_snapshot
-from pipeline.tracking import MODEL_SHA_TAG, stage_run
-from stages.download import download
-from stages.evaluate import evaluate
-from stages.report import report
-from stages.tokenize import tokenize
-from stages.train import train
-
-PATH_KEYS = ["raw_dir", "checkpoint_dir", "tokenized_dir", "model_dir", "history_path",
+PATH_KEYS = ["raw_dir", "pretrained_dir", "tokenized_dir", "model_dir", "history_path",
              "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
-             "checkpoints_root"]
+             "trainer_checkpoints_dir"]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +52,7 @@ def chain(tmp_path_factory, tiny_corpus, tiny_checkpoint):
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        for stage in (download, tokenize, train, evaluate, report):
-            stage(cfg)
+        run_stages(cfg, "download", "tokenize", "train", "evaluate", "report")
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
@@ -74,8 +69,9 @@ def test_snapshots_hold_named_splits_labels_and_safetensors(chain):
     raw = load_snapshot(cfg.paths.raw_dir)
     assert set(raw) == {"train", "validation", "test"}
     assert raw["train"].features[LABEL].names == ["negative", "positive"]
-    checkpoint = Path(cfg.paths.checkpoint_dir)
-    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
+    checkpoint = Path(cfg.paths.pretrained_dir)
+    assert (checkpoint / "model.safetensors").is_file() \
+        and (checkpoint / "tokenizer.json").is_file()
     assert not list(checkpoint.glob("*.bin"))
 
 
@@ -97,10 +93,12 @@ def test_model_has_the_data_labels_and_safetensors(chain):
     config = json.loads((Path(cfg.paths.model_dir) / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert (Path(cfg.paths.model_dir) / "model.safetensors").is_file()
-    pickles = [p.name for p in Path(cfg.paths.model_dir).iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+    pickles = [p.name for p in Path(cfg.paths.model_dir).iterdir()
+               if p.suffix in (".bin", ".pt", ".pth")]
     assert not pickles, f"pickled files in the model directory: {pickles}"
-    assert not Path(cfg.paths.checkpoints_root).exists() or not any(
-        Path(cfg.paths.checkpoints_root).iterdir()), "checkpoints kept after a successful run"
+    assert not Path(cfg.paths.trainer_checkpoints_dir).exists() or not any(
+        Path(cfg.paths.trainer_checkpoints_dir).iterdir()), \
+        "checkpoints kept after a successful run"
 
 
 def test_metrics_predictions_and_confusion_agree(chain):
@@ -134,7 +132,8 @@ def test_report_and_model_card(chain):
     assert "## Metrics" in text and "tiny_sentiment" in text
     release = Path(cfg.paths.release_dir)
     card = (release / "README.md").read_text()
-    for section in ("## Intended use", "## Training data", "## Evaluation", "## Limitations and bias"):
+    for section in ("## Intended use", "## Training data", "## Evaluation",
+                    "## Limitations and bias"):
         assert section in card
     assert (release / "model.safetensors").read_bytes() == \
         (Path(cfg.paths.model_dir) / "model.safetensors").read_bytes()
@@ -156,7 +155,8 @@ def test_one_mlflow_run_holds_the_whole_model_history(chain):
     assert len(client.get_metric_history(run.info.run_id, "eval_accuracy")) == 2  # per epoch
     for metric in ("test_accuracy", "test_f1", "validation_mcc"):
         assert metric in run.data.metrics
-    logged = yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config/params.yaml"))
+    logged = yaml.safe_load(
+        mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config/params.yaml"))
     assert logged["train"]["learning_rate"] == 1e-3 and logged["seed"] == cfg.seed
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert "report/report.md" in artifacts and "report/README.md" in artifacts
@@ -189,9 +189,9 @@ def test_failed_or_stopped_run_is_not_left_running(chain, stop, status):
     cfg, client, _, uri = chain
     os.environ["MLFLOW_TRACKING_URI"] = uri  # restored by the autouse fixture
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(BaseException) as raised:
-        with stage_run("train", cfg, run_name=f"doomed-{stop.__name__}") as run:
-            stop()
+    with (pytest.raises(BaseException) as raised,
+          stage_run("train", cfg, run_name=f"doomed-{stop.__name__}") as run):
+        stop()
     assert not isinstance(raised.value, AssertionError)
     assert client.get_run(run.info.run_id).info.status == status
     assert signal.getsignal(signal.SIGTERM) is handler, "the SIGTERM handler is restored"
@@ -211,8 +211,9 @@ def test_predict_command_reproduces_the_evaluate_stage(chain, tmp_path):
         writer.writerow(["id", "text"])
         writer.writerows((i, row["text"]) for i, row in enumerate(written))
     output = tmp_path / "out.jsonl"
-    done = run([sys.executable, "-m", "stages.predict", "--model", cfg.paths.model_dir,
-                "--input", str(source), "--output", str(output), "--batch-size", "5"], PROJECT)
+    done = run([sys.executable, "-m", "pipeline.commands", "predict",
+                "--model", cfg.paths.model_dir, "--input", str(source), "--output", str(output),
+                "--batch-size", "5"], PROJECT)
     assert "rows" in done.stderr  # the progress bar
     predicted = [json.loads(line) for line in output.read_text().splitlines()]
     assert [row["id"] for row in predicted] == [str(i) for i in range(len(written))]
@@ -220,7 +221,7 @@ def test_predict_command_reproduces_the_evaluate_stage(chain, tmp_path):
 
 
 def test_predict_reads_arguments_and_stdin(chain, capsys, monkeypatch):
-    from stages.predict import main
+    from pipeline.commands.predict import main
 
     cfg, *_ = chain
     written = _written(cfg)[:3]
@@ -234,7 +235,7 @@ def test_predict_reads_arguments_and_stdin(chain, capsys, monkeypatch):
 
 
 def test_predict_names_the_bad_input(chain, tmp_path, capsys):
-    from stages.predict import main
+    from pipeline.commands.predict import main
 
     cfg, *_ = chain
     source = tmp_path / "rows.jsonl"
@@ -252,7 +253,7 @@ def test_predict_names_the_bad_input(chain, tmp_path, capsys):
 
 
 def test_predict_loads_the_mlflow_model_of_the_run(chain, capsys, monkeypatch):
-    from stages.predict import main
+    from pipeline.commands.predict import main
 
     cfg, _, runs, uri = chain
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -273,30 +274,29 @@ def test_mlflow_models_serve_answers_with_the_evaluate_predictions(chain, tmp_pa
     cfg, _, runs, uri = chain
     written = _written(cfg)[:5]
     port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-         f"runs:/{runs[0].info.run_id}/model", "--host", "127.0.0.1", "--port", str(port),
-         "--env-manager", "local"],
-        env=subprocess_env(MLFLOW_TRACKING_URI=uri), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not start in 180 s"
-                time.sleep(1)
-        body = json.dumps({"dataframe_records": [{"text": row["text"]} for row in written]})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+             f"runs:/{runs[0].info.run_id}/model", "--host", "127.0.0.1", "--port", str(port),
+             "--env-manager", "local"],
+            env=subprocess_env(MLFLOW_TRACKING_URI=uri), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "server did not start in 180 s"
+                    time.sleep(1)
+            body = json.dumps({"dataframe_records": [{"text": row["text"]} for row in written]})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                             data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer = json.loads(response.read())
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     assert_same_predictions(answer["predictions"], written)

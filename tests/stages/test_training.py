@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from transformers import TrainerCallback
 
-from pipeline.config import DatasetConfig, HeadConfig, TrainConfig
-from pipeline.data import prepare_and_save
 from pipeline.errors import ConfigError
+from pipeline.preparation import prepare_and_save
 from pipeline.tokenization import tokenize_dataset
 from pipeline.training import resolve_precision, train_model
+from support import config_section
 
 
 class CountSteps(TrainerCallback):
@@ -22,26 +22,30 @@ class CountSteps(TrainerCallback):
 
 @pytest.fixture
 def tokenized(tmp_path, tiny_corpus, tiny_checkpoint):
-    cfg = DatasetConfig(name="tiny", source="local", path=str(tiny_corpus), format="jsonl",
-                        text_column="sentence")
+    cfg = config_section("dataset", name="tiny", source="local", path=str(tiny_corpus),
+                         format="jsonl", text_column="sentence")
     prepare_and_save(cfg, 0, str(tmp_path / "raw"))
     tokenize_dataset(str(tmp_path / "raw"), str(tiny_checkpoint), str(tmp_path / "tok"), 32)
     return tmp_path / "tok"
 
 
-def _train(tmp_path, tokenized, checkpoint, epochs, keep, counter, head=HeadConfig(),
-           log_to_mlflow=False, **settings):
-    cfg = TrainConfig(num_train_epochs=epochs, per_device_train_batch_size=8, logging_steps=1,
-                      learning_rate=1e-3, keep_checkpoints=keep, **settings)
-    return train_model(cfg, head, seed=0, main_metric="accuracy", metrics=None,
-                       checkpoint_dir=str(checkpoint), tokenized_dir=str(tokenized),
+def _train(tmp_path, tokenized, checkpoint, epochs, keep, counter, head=None,
+           log_to_mlflow=False, strategy="finetune", **settings):
+    cfg = config_section("train", [f"strategy={strategy}"], num_train_epochs=epochs,
+                         per_device_train_batch_size=8, logging_steps=1, learning_rate=1e-3,
+                         **settings)
+    runtime = config_section("runtime", keep_checkpoints=keep)
+    return train_model(cfg, head or config_section("head"), runtime, seed=0,
+                       main_metric="accuracy", metrics=None,
+                       pretrained_dir=str(checkpoint), tokenized_dir=str(tokenized),
                        output_dir=str(tmp_path / f"model{epochs}"),
                        history_path=str(tmp_path / "history.json"),
                        work_dir=str(tmp_path / "work"), callbacks=[counter],
                        log_to_mlflow=log_to_mlflow)
 
 
-def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tokenized, tiny_checkpoint):
+def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tokenized,
+                                                               tiny_checkpoint):
     first, second = CountSteps(), CountSteps()
     _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=True, counter=first)
     assert first.steps == 6  # 48 rows / batch 8
@@ -166,7 +170,8 @@ def test_pooled_head_trains_saves_and_loads_like_any_model(tmp_path, tokenized, 
     from pipeline.inference import load_classifier
 
     snapshots = Snapshots()
-    head = HeadConfig(type="pooled", pooling="mean", hidden_sizes=[16], dropout=0.1)
+    head = config_section("head", ["head=pooled"], pooling="mean", hidden_sizes=[16],
+                          dropout=0.1)
     result = _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=False,
                     counter=snapshots, head=head, strategy="head_only")
     assert result.head_parameters == ["head.1.weight", "head.1.bias", "head.4.weight",

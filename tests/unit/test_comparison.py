@@ -18,7 +18,8 @@ def _sweep():
     return [
         _run("job0", "FINISHED", {"model.name": "minilm", "train.learning_rate": "1e-05",
                                   "output_dir": "/a"},
-             {"validation_accuracy": 0.70, "validation_loss": 0.9, "loss": 0.5}, {"sweep_job": "0"}),
+             {"validation_accuracy": 0.70, "validation_loss": 0.9, "loss": 0.5},
+             {"sweep_job": "0"}),
         _run("job1", "FINISHED", {"model.name": "minilm", "train.learning_rate": "0.0001",
                                   "output_dir": "/b"},
              {"validation_accuracy": 0.90, "validation_loss": 0.4}, {"sweep_job": "1"}),

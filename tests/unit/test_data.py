@@ -10,20 +10,16 @@ import datasets
 import pytest
 
 from pipeline.config import DatasetConfig
-from pipeline.data import (
-    drop_duplicates,
-    load_manifest,
-    load_snapshot,
-    prepare_and_save,
-    prepare_dataset,
-    resolve_package_path,
-)
+from pipeline.contracts import load_raw_manifest, load_snapshot
 from pipeline.errors import ConfigError, DataValidationError
+from pipeline.preparation import drop_duplicates, prepare_and_save, prepare_dataset
+from pipeline.sources import resolve_package_path
+from support import config_section
 
 
 def local(path: Path, fmt: str, **overrides) -> DatasetConfig:
-    fields = {"name": "t", "source": "local", "path": str(path), "format": fmt, **overrides}
-    return DatasetConfig(**fields)
+    return config_section("dataset", name="t", source="local", path=str(path), format=fmt,
+                          **overrides)
 
 
 def write_tsv(path: Path, rows: list[str], header: str = "sentence1\tsentence2\tlabel") -> Path:
@@ -32,12 +28,9 @@ def write_tsv(path: Path, rows: list[str], header: str = "sentence1\tsentence2\t
     return path
 
 
-PAIRS = DatasetConfig(name="t", source="local", path="", format="tsv", text_column="sentence1",
-                      text_pair_column="sentence2", label_names=["no", "yes"])
-
-
 def pairs_cfg(path: Path, **overrides) -> DatasetConfig:
-    return DatasetConfig(**{**PAIRS.__dict__, "path": str(path), **overrides})
+    return local(path, "tsv", **{"text_column": "sentence1", "text_pair_column": "sentence2",
+                                 "label_names": ["no", "yes"], **overrides})
 
 
 def test_tsv_is_read_with_quoting_off(tmp_path):
@@ -54,7 +47,8 @@ def test_tsv_is_read_with_quoting_off(tmp_path):
 
 def test_malformed_tsv_row_names_file_and_line(tmp_path):
     path = write_tsv(tmp_path / "train.tsv", ["a\tb\t1", "c\td\t0", "only two\t1", "e\tf\t1"])
-    with pytest.raises(DataValidationError, match=rf"{path}:4: malformed row: expected 3 tab-separated fields"):
+    with pytest.raises(DataValidationError,
+                       match=rf"{path}:4: malformed row: expected 3 tab-separated fields"):
         prepare_dataset(pairs_cfg(tmp_path), seed=0)
 
 
@@ -77,7 +71,9 @@ def test_unknown_label_names_value_and_label_set(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "fine", "label": "yes"}\n{"text": "odd", "label": "maybe"}\n')
     cfg = local(path, "jsonl", label_names=["no", "yes"])
-    with pytest.raises(DataValidationError, match=rf"{path}:2: label 'maybe' .* not one of the label set \[no, yes\]"):
+    with pytest.raises(DataValidationError,
+                       match=rf"{path}:2: label 'maybe' .* not one of the label set "
+                             r"\[no, yes\]"):
         prepare_dataset(cfg, seed=0)
 
 
@@ -130,7 +126,8 @@ def test_leakage_is_dropped_from_train_and_reported(tmp_path):
 def test_leakage_can_be_an_error(tmp_path):
     root = _jsonl_splits(tmp_path, {"train": [("shared", "a"), ("b", "b")],
                                     "validation": [("shared", "a"), ("c", "b")]})
-    with pytest.raises(DataValidationError, match="leakage: 1 texts appear in train and in validation"):
+    with pytest.raises(DataValidationError,
+                       match="leakage: 1 texts appear in train and in validation"):
         prepare_dataset(local(root, "jsonl", on_leakage="error"), seed=0)
 
 
@@ -203,7 +200,7 @@ def test_snapshot_round_trip_is_byte_identical(tmp_path, tiny_corpus):
         assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes(), file.name
     snapshot = load_snapshot(str(tmp_path / "a"))
     assert snapshot["train"].features["label"].names == ["negative", "positive"]
-    assert load_manifest(str(tmp_path / "a"))["splits"]["train"]["rows"] == 48
+    assert load_raw_manifest(str(tmp_path / "a"))["splits"]["train"]["rows"] == 48
 
 
 def test_failed_validation_leaves_no_output(tmp_path):
@@ -245,8 +242,8 @@ def test_snapshot_does_not_depend_on_where_the_source_lives(tmp_path, tiny_corpu
 
 def _scores(tmp_path: Path, train_scores: list[str], test_scores: list[str]) -> Path:
     header = "sentence1\tsentence2\tlabel\tidx"
-    write_tsv(tmp_path / "train.tsv", [f"a {i}\tb {i}\t{s}\t{i}" for i, s in enumerate(train_scores)],
-              header)
+    write_tsv(tmp_path / "train.tsv",
+              [f"a {i}\tb {i}\t{s}\t{i}" for i, s in enumerate(train_scores)], header)
     write_tsv(tmp_path / "validation.tsv", [f"v {i}\tw {i}\t{i % 5}.5\t{i}" for i in range(6)],
               header)
     write_tsv(tmp_path / "test.tsv", [f"t {i}\tu {i}\t{s}\t{i}" for i, s in enumerate(test_scores)],

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.evaluation import compute_metrics, confusion_matrix, submission_file, task_metrics
+from pipeline.evaluation import submission_file
 from pipeline.inference import postprocess, softmax
+from pipeline.metrics import compute_metrics, confusion_matrix, task_metrics
 
 
 def test_binary_metrics_match_hand_computed_values():

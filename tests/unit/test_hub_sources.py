@@ -8,10 +8,10 @@ import shutil
 import datasets
 import pytest
 
-from pipeline.config import DatasetConfig, ModelConfig
-from pipeline.data import prepare_dataset
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.modeling import snapshot_checkpoint
+from pipeline.preparation import prepare_dataset
+from pipeline.pretrained import snapshot_pretrained
+from support import config_section
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -26,8 +26,8 @@ def test_hub_source_goes_through_load_dataset(tmp_path):
             {"question": [f"q {offset + i}" for i in range(8)],
              "answer": [f"a {offset + i}" for i in range(8)], "label": [i % 2 for i in range(8)]},
             features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
-    cfg = DatasetConfig(name="qa", source="hub", path=str(tmp_path), revision=None,
-                        text_column="question", text_pair_column="answer", test_size=0.25)
+    cfg = config_section("dataset", name="qa", source="hub", path=str(tmp_path),
+                         text_column="question", text_pair_column="answer", test_size=0.25)
     dataset, manifest = prepare_dataset(cfg, seed=0)
     assert manifest["provenance"]["source"] == "hub"
     assert manifest["label_names"] == ["no", "yes"]
@@ -40,7 +40,8 @@ def test_hub_label_names_must_agree_with_the_config(tmp_path):
                                   "label": datasets.ClassLabel(names=["neg", "pos"])})
     datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features) \
         .to_parquet(str(tmp_path / "train.parquet"))
-    cfg = DatasetConfig(name="x", source="hub", path=str(tmp_path), label_names=["pos", "neg"])
+    cfg = config_section("dataset", name="x", source="hub", path=str(tmp_path),
+                         label_names=["pos", "neg"])
     with pytest.raises(ConfigError, match=r"differ from the label names the source declares"):
         prepare_dataset(cfg, seed=0)
 
@@ -57,8 +58,9 @@ def test_hub_model_is_snapshotted_from_the_cache_at_its_revision(tmp_path, tiny_
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE",
                         str(_hub_cache(tmp_path, tiny_checkpoint)))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    manifest = snapshot_checkpoint(ModelConfig(name="tiny", source="hub", path="acme/tiny-bert",
-                                               revision=REVISION), str(tmp_path / "checkpoint"))
+    manifest = snapshot_pretrained(config_section("model", name="tiny", source="hub",
+                                                  path="acme/tiny-bert", revision=REVISION),
+                                   str(tmp_path / "checkpoint"))
     assert manifest["revision"] == REVISION and manifest["model_type"] == "bert"
     files = {p.name for p in (tmp_path / "checkpoint").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
@@ -71,8 +73,8 @@ def test_unreachable_hub_model_fails_with_its_id_and_revision(tmp_path, monkeypa
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match=rf"could not download model 'acme/missing' at "
                                               rf"revision {REVISION}"):
-        snapshot_checkpoint(ModelConfig(name="m", source="hub", path="acme/missing",
-                                        revision=REVISION), str(tmp_path / "checkpoint"))
+        snapshot_pretrained(config_section("model", name="m", source="hub", path="acme/missing",
+                                           revision=REVISION), str(tmp_path / "checkpoint"))
     assert not (tmp_path / "checkpoint").exists()
 
 
@@ -82,5 +84,5 @@ def test_checkpoint_without_safetensors_is_refused(tmp_path, tiny_checkpoint):
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not really")
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights"):
-        snapshot_checkpoint(ModelConfig(name="m", source="local", path=str(folder)),
-                            str(tmp_path / "checkpoint"))
+        snapshot_pretrained(config_section("model", name="m", source="local", path=str(folder),
+                                           revision=None), str(tmp_path / "checkpoint"))

@@ -2,9 +2,9 @@
 
 import datasets
 
-from pipeline.config import DatasetConfig
-from pipeline.data import prepare_and_save
+from pipeline.preparation import prepare_and_save
 from pipeline.tokenization import length_stats, tokenize_dataset
+from support import config_section
 
 
 def test_pairs_get_segment_ids_and_are_truncated_not_padded(tmp_path, tiny_checkpoint):
@@ -14,9 +14,9 @@ def test_pairs_get_segment_ids_and_are_truncated_not_padded(tmp_path, tiny_check
     rows += [f"the film was great {' very' * (i % 9)}\tthe plot was dull {i}\t{i % 2}"
              for i in range(30)]
     (source / "train.tsv").write_text("\n".join(rows) + "\n")
-    cfg = DatasetConfig(name="pairs", source="local", path=str(source), format="tsv",
-                        text_column="sentence1", text_pair_column="sentence2",
-                        validation_size=0.2, test_size=0.2)
+    cfg = config_section("dataset", name="pairs", source="local", path=str(source), format="tsv",
+                         text_column="sentence1", text_pair_column="sentence2",
+                         validation_size=0.2, test_size=0.2)
     prepare_and_save(cfg, 0, str(tmp_path / "raw"))
     stats = tokenize_dataset(str(tmp_path / "raw"), str(tiny_checkpoint), str(tmp_path / "tok"),
                              max_length=14)

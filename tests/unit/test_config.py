@@ -6,10 +6,10 @@ import pytest
 import yaml
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
-from support import PROJECT, compose_params
 
 from pipeline.config import load_config, to_flat_dict
 from pipeline.errors import ConfigError
+from support import PROJECT, compose_params
 
 EXPERIMENTS = sorted(p.stem for p in (PROJECT / "conf" / "experiment").glob("*.yaml"))
 
@@ -57,7 +57,8 @@ def test_wrong_type_names_the_key():
 
 
 def test_invalid_choice_names_the_key_and_choices():
-    with pytest.raises(ConfigError, match=r"train.precision='fp8' is not one of auto, bf16, fp16, fp32"):
+    with pytest.raises(ConfigError,
+                       match=r"train.precision='fp8' is not one of auto, bf16, fp16, fp32"):
         validated(["train.precision=fp8"])
 
 
@@ -89,16 +90,24 @@ def test_conf_uses_no_runtime_interpolations():
             assert forbidden not in text, f"{file.relative_to(PROJECT)} uses {forbidden}"
 
 
-def test_slurm_launcher_config_composes_onto_hydra_submitit():
-    """conf/cluster/hydra/launcher/slurm.yaml: Hydra's SLURM launcher with GPU-node defaults."""
-    import subprocess
-    import sys
+def test_pooled_head_settings_are_refused_under_the_auto_head():
+    params = compose_params(["head=pooled"])
+    params["head"]["type"] = "auto"
+    with pytest.raises(ConfigError, match=r"'head.pooling' applies only to head.type=pooled, "
+                                          r"not auto: drop it, or `dvc exp run -S head=pooled`"):
+        load_config(OmegaConf.create(params))
 
-    done = subprocess.run([sys.executable, "-m", "stages.train", "hydra/launcher=slurm",
-                           "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve"],
-                          cwd=PROJECT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    launcher = yaml.safe_load(done.stdout)["hydra"]["launcher"]
-    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
-    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == \
-        ("gpu", 1, 1)
+
+def test_two_phase_without_its_keys_says_which_group_sets_them():
+    params = compose_params([])
+    params["train"]["strategy"] = "two_phase"
+    with pytest.raises(ConfigError, match=r"train.strategy=two_phase needs "
+                                          r"'train.head_learning_rate'.*-S strategy=two_phase"):
+        load_config(OmegaConf.create(params))
+
+
+def test_a_key_conf_does_not_set_is_named():
+    params = compose_params([])
+    del params["runtime"]["eval_batch_size"]
+    with pytest.raises(ConfigError, match=r"missing key 'runtime.eval_batch_size'"):
+        load_config(OmegaConf.create(params))

@@ -1,7 +1,7 @@
 """Compare MLflow runs: a sweep's children, or the runs of DVC experiments.
 
-    python -m stages.compare --parent <sweep parent run id>
-    python -m stages.compare --experiment bbc_news --dvc-experiments --output comparison/exps
+    hf-text-pipeline compare --parent <sweep parent run id>
+    hf-text-pipeline compare --experiment bbc_news --dvc-experiments --output comparison/exps
 
 Writes a table of each run's swept params and summary metrics (``runs.csv``, ``runs.md``, best
 first) and a plot of the metric against each swept value (``metric_vs_params.png``); with
@@ -22,7 +22,7 @@ from pipeline.comparison import main_metric_of, write_comparison
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stages.compare",
+    parser = argparse.ArgumentParser(prog="hf-text-pipeline compare",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)

@@ -1,9 +1,9 @@
 """Classify texts or text pairs with a trained model: a model folder or an MLflow model URI.
 
-    python -m stages.predict --model models/model "a gripping, funny film" "dull and slow"
-    python -m stages.predict --model runs:/<run id>/model --pairs "sentence one" "sentence two"
-    printf 'first\\tits pair\\n' | python -m stages.predict --model models/model --pairs
-    python -m stages.predict --model models/model --input rows.csv --output predictions.jsonl
+    hf-text-pipeline predict --model models/model "a gripping, funny film" "dull and slow"
+    hf-text-pipeline predict --model runs:/<run id>/model --pairs "sentence one" "sentence two"
+    printf 'first\\tits pair\\n' | hf-text-pipeline predict --model models/model --pairs
+    hf-text-pipeline predict --model models/model --input rows.csv --output predictions.jsonl
 
 Prints one JSON object per input (JSON Lines): the input, the predicted ``label`` and the
 ``probabilities`` of every class, or the ``score`` of a regression model. Files (csv, tsv, jsonl)
@@ -16,6 +16,7 @@ stdin, which argparse expresses directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -33,7 +34,7 @@ class InputError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict",
+    parser = argparse.ArgumentParser(prog="hf-text-pipeline predict",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("texts", nargs="*", help="texts to classify (with --pairs: text, pair, "
@@ -137,19 +138,19 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("nothing to classify: give texts, --input FILE, or pipe lines "
                              "to stdin")
         classifier = Classifier(args.model, batch_size=args.batch_size)
-        output = open(args.output.with_name(args.output.name + ".tmp"), "w") if args.output \
-            else sys.stdout
-        try:
-            for record in classifier.predict(rows, total=total, progress=bool(args.input)):
-                output.write(json.dumps(record, ensure_ascii=False) + "\n")
-        except BaseException:
-            if args.output:  # never leave a partial file under the requested name
-                output.close()
-                Path(output.name).unlink(missing_ok=True)
-            raise
-        if args.output:
-            output.close()
-            Path(output.name).replace(args.output)
+        partial = args.output.with_name(args.output.name + ".tmp") if args.output else None
+        with contextlib.ExitStack() as stack:
+            output = stack.enter_context(open(partial, "w")) if partial else sys.stdout
+            try:
+                for record in classifier.predict(rows, total=total, progress=bool(args.input)):
+                    output.write(json.dumps(record, ensure_ascii=False) + "\n")
+            except BaseException:
+                if partial:  # never leave a partial file under the requested name
+                    stack.close()
+                    partial.unlink(missing_ok=True)
+                raise
+        if partial:
+            partial.replace(args.output)
     except (InputError, DataValidationError, OSError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stages.entrypoint import SWEEP_PARENT_ENV
+from pipeline.tracking import SWEEP_PARENT_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class MlflowSweepCallback(Callback):
         self.main_metric = config.dataset.main_metric
         client = mlflow.MlflowClient()
         tags = {"sweep": "true", "sweep_dir": str(self.sweep_dir),
-                "sweeper": _target(config.hydra.sweeper), "launcher": _target(config.hydra.launcher),
+                "sweeper": _target(config.hydra.sweeper),
+                "launcher": _target(config.hydra.launcher),
                 **git_state()}
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]

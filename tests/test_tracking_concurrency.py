@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import mlflow
+
 from support import PROJECT, subprocess_env
 
 WRITER = """

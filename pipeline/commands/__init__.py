@@ -1,0 +1,40 @@
+"""``hf-text-pipeline``: the commands beside the DVC stages (installed as a console script).
+
+    hf-text-pipeline predict --model models/model "a gripping, funny film"
+    hf-text-pipeline compare --parent <sweep parent run id>
+
+Each command is a module of this package with its own ``main(argv)``; ``python -m
+pipeline.commands <command> ...`` runs the same without the console script.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "predict": "classify texts or text pairs with a trained model (folder or MLflow URI)",
+    "compare": "compare MLflow runs (a sweep's children, or an experiment's runs) side by side",
+}
+PROG = "hf-text-pipeline"
+
+
+def _usage() -> str:
+    lines = [f"usage: {PROG} <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {summary}" for name, summary in COMMANDS.items()]
+    lines += ["", f"`{PROG} <command> --help` describes a command's options.",
+              "The pipeline's stages run with `dvc repro` (or `python -m stages.<stage> --help`)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"{PROG}: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(f"pipeline.commands.{command}").main(rest)

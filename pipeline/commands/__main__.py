@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.commands import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""The stages' command line as a user meets it: --help, group switches, Hydra launcher presets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from support import PROJECT, compose_params, make_project, run
+
+STAGES = ["download", "tokenize", "train", "evaluate", "report"]
+
+
+@pytest.fixture(scope="module")
+def crowded_project(tmp_path_factory):
+    """A project folder with a deep .venv/, data/ and mlartifacts/ beside conf/: Hydra's own
+    --help walked all of it (minutes with a real .venv)."""
+    root = make_project(tmp_path_factory.mktemp("help") / "project", compose_params([]),
+                        with_git=False)
+    for top in (".venv", "data", "mlartifacts"):
+        for i in range(200):
+            (root / top / f"d{i}" / "a" / "b").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_says_what_the_stage_reads_writes_and_how_to_change_it(crowded_project, stage):
+    done = run([sys.executable, "-m", f"stages.{stage}", "--help"], crowded_project, timeout=60)
+    spec = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"][stage]
+    assert done.stdout.startswith(f"python -m stages.{stage}: DVC stage `{stage}`")
+    params = yaml.safe_load((crowded_project / "params.yaml").read_text())["paths"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"]]
+    for out in outs:
+        assert out.replace("${paths.", "").rstrip("}") in params
+        assert params[out.replace("${paths.", "").rstrip("}")] in done.stdout
+    assert "dvc exp run -S dataset=glue_mrpc" in done.stdout
+    assert f"python -m stages.{stage} --cfg job" in done.stdout
+    assert "conf/dataset" not in done.stdout and "d199" not in done.stdout
+
+
+def test_a_group_on_a_stage_command_line_says_how_to_switch_it():
+    done = run([sys.executable, "-m", "stages.train", "dataset=glue_mrpc"], PROJECT,
+               check=False, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "train: error: 'dataset=glue_mrpc' switches the config group 'dataset', which a stage "
+        "cannot do (it reads params.yaml): run `dvc exp run -S dataset=glue_mrpc`, or override "
+        "single values here, e.g. `python -m stages.train dataset.<key>=<value>`"]
+
+
+def test_slurm_launcher_config_composes_onto_hydra_submitit():
+    """conf/cluster/hydra/launcher/slurm.yaml: Hydra's SLURM launcher with GPU-node defaults."""
+    done = subprocess.run([sys.executable, "-m", "stages.train", "hydra/launcher=slurm",
+                           "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve"],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    launcher = yaml.safe_load(done.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == \
+        ("gpu", 1, 1)
+
+
+def test_commands_are_installed_as_one_console_script():
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "hf-text-pipeline"
+    done = run([str(script), "--help"], PROJECT, timeout=60)
+    assert "predict" in done.stdout and "compare" in done.stdout
+    done = run([str(script), "predict", "--help"], PROJECT, timeout=60)
+    assert done.stdout.startswith("usage: hf-text-pipeline predict")
+    bad = run([str(script), "reproduce"], PROJECT, check=False, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'reproduce'" in bad.stderr
