@@ -2,12 +2,15 @@
 
 A stage writes each output into a temporary sibling and renames it into place only when it is
 complete, so a crash or a validation error never leaves a half-written output that a later stage
-(or DVC) would trust.
+(or DVC) would trust. The sibling's name carries the writing process's id
+(``.<name>.<pid>.<random>.partial``): one left by a killed process is removed by the next write
+of the same output, and one of a live process (another stage writing now) is left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -23,14 +26,61 @@ from pipeline.errors import DataValidationError, PipelineError
 logger = logging.getLogger(__name__)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove temporary siblings of ``target`` that a killed process left behind."""
+    removed = []
+    prefix = f".{target.name}."
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*.partial"):
+        pid = leftover.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue  # a stage writing this output right now
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        logger.warning("removed %s, left behind by an interrupted run", leftover)
+        removed.append(leftover)
+    return removed
+
+
+def _temporary_sibling(target: Path, make) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    return Path(make(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
+                     dir=target.parent))
+
+
+def _without_temporary_path(exc: PipelineError, tmp: Path, target: Path) -> PipelineError:
+    """The same error naming the output, not the temporary folder it was being written in."""
+    message = str(exc)
+    for form in (str(tmp.resolve()), str(tmp)):
+        message = message.replace(form, str(target))
+    return exc if message == str(exc) else type(exc)(message)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``path`` if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    tmp = _temporary_sibling(target, tempfile.mkdtemp)
     try:
         yield tmp
+    except PipelineError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        clean = _without_temporary_path(exc, tmp, target)
+        if clean is exc:
+            raise
+        raise clean from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -44,10 +94,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path that replaces ``path`` if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+
+    def make_file(**kwargs) -> str:
+        fd, name = tempfile.mkstemp(**kwargs)
+        os.close(fd)
+        return name
+
+    tmp = _temporary_sibling(target, make_file)
     try:
         yield tmp
     except BaseException:

@@ -16,11 +16,12 @@ regression; -1 marks a split without labels, like GLUE's hidden test sets) and, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.artifacts import read_json
-from pipeline.errors import DataValidationError
+from pipeline.errors import CheckpointError, DataValidationError
 
 TEXT, TEXT_PAIR, LABEL, IDX = "text", "text_pair", "label", "idx"
 LABELS = "labels"  # the label column of the tokenized data
@@ -61,6 +62,36 @@ def load_pretrained_tokenizer(pretrained_dir: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(pretrained_dir)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def check_model_folder(folder: Path, origin: str) -> dict[str, Any]:
+    """The folder's config, after refusing what would run code while loading: pickled weights
+    (unpickling can execute anything) and configs that ask for the folder's own code
+    (``auto_map``, which ``trust_remote_code`` would run). Weights must be safetensors.
+
+    Raises:
+        CheckpointError: naming the folder, what was refused and why.
+    """
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{origin}: no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{origin}/config.json: invalid JSON: {exc.msg}") from None
+    if "auto_map" in config:
+        raise CheckpointError(f"{origin}/config.json: refused: it asks for custom code from the "
+                              "model folder (auto_map), and no model code is ever run from a "
+                              "folder or the Hub")
+    if not list(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        refused = (f"; refused {', '.join(pickled)}: pickled weights can run code when loaded"
+                   if pickled else "")
+        raise CheckpointError(f"{origin}: no *.safetensors weights{refused}")
+    return config
 
 
 def is_labeled(split) -> bool:

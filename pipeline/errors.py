@@ -14,4 +14,5 @@ class DataValidationError(PipelineError):
 
 
 class CheckpointError(PipelineError):
-    """A pretrained checkpoint snapshot is incomplete or cannot be loaded."""
+    """A model folder (a pretrained snapshot or a trained model) is incomplete, unsafe to load,
+    or cannot be loaded."""

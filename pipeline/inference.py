@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.contracts import TEXT, TEXT_PAIR
+from pipeline.contracts import TEXT, TEXT_PAIR, check_model_folder
 
 MLFLOW_ARTIFACT = "model"  # the model folder's name inside the logged MLflow model
 
@@ -42,11 +42,13 @@ def postprocess(logits: np.ndarray, names: list[str], regression: bool) -> list[
 
 
 def load_classifier(model_dir: str):
-    """A trained model of this project (either head type) and its tokenizer."""
+    """A trained model of this project (either head type) and its tokenizer, from a folder that
+    :func:`check_model_folder` accepts."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import pipeline.heads  # noqa: F401  (registers the pooled head with the Auto classes)
 
+    check_model_folder(Path(model_dir), str(model_dir))
     return (AutoModelForSequenceClassification.from_pretrained(model_dir),
             AutoTokenizer.from_pretrained(model_dir))
 

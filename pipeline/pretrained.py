@@ -9,7 +9,6 @@ are later always loaded from this one folder, so they cannot drift apart.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, hash_path, write_json
 from pipeline.config import ModelConfig
-from pipeline.contracts import PRETRAINED_MANIFEST
+from pipeline.contracts import PRETRAINED_MANIFEST, check_model_folder
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.sources import resolve_package_path
 
@@ -69,18 +68,9 @@ def _download_hub(cfg: ModelConfig, dest: Path) -> list[str]:
 
 def check_pretrained(folder: Path, origin: str) -> dict[str, Any]:
     """Fail early, naming the source, if a snapshot cannot build a tokenizer and a model."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{origin}: no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{origin}/config.json: invalid JSON: {exc.msg}") from None
+    config = check_model_folder(folder, origin)
     if "model_type" not in config:
         raise CheckpointError(f"{origin}/config.json: no model_type")
-    if not list(folder.glob("*.safetensors")):
-        raise CheckpointError(f"{origin}: no *.safetensors weights (pickled .bin weights are "
-                              "not accepted)")
     from transformers import AutoTokenizer
 
     try:
@@ -108,6 +98,7 @@ def snapshot_pretrained(cfg: ModelConfig, out_dir: str) -> dict[str, Any]:
                 if not source.is_dir():
                     raise ConfigError(f"model.path '{cfg.path}' is not a folder")
             origin = str(source)
+            check_model_folder(source, origin)  # names pickled files the copy would leave out
             files = _copy_checkpoint_files(source, tmp)
         details = check_pretrained(tmp, origin)
         # No absolute paths in the manifest: the snapshot's hash must not depend on where a

@@ -10,8 +10,10 @@ only those, so DVC re-runs it whenever something it reads changes.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,17 @@ from pipeline.config import PipelineConfig, declared_view, load_config
 from pipeline.errors import ConfigError, PipelineError
 
 logger = logging.getLogger(__name__)
+
+
+# conf/stage.yaml names a sweep's folder multirun/${oc.env:<this>}. Set once in the launching
+# process (launcher workers inherit it), so two sweeps started in the same second still differ.
+SWEEP_STAMP_ENV = "PIPELINE_SWEEP_STAMP"
+
+
+def sweep_stamp(now: datetime | None = None, pid: int | None = None) -> str:
+    """``<date>/<time>-<pid>``: a sweep's folder under multirun/, unique per launching process."""
+    now = now or datetime.now()
+    return f"{now:%Y-%m-%d}/{now:%H-%M-%S}-{pid or os.getpid()}"
 
 
 def in_multirun() -> bool:
@@ -112,6 +125,23 @@ resolved params.yaml. Hydra's own options: --hydra-help.
 """
 
 
+def print_error(prefix: str, exc: BaseException) -> None:
+    """``<prefix>: error: <message>`` on a line of its own: progress bars still drawn (a
+    tokenizer's map, the Trainer's steps) are closed first, so the message never continues
+    a bar's line."""
+    close_progress_bars()
+    print(f"{prefix}: error: {exc}", file=sys.stderr)
+
+
+def close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _quiet_libraries() -> None:
     import datasets
     import transformers
@@ -136,6 +166,8 @@ def run_stage(name: str, body: Callable[[PipelineConfig], Any], params: Sequence
         print(stage_help(name, summary, params))
         sys.exit(0)
 
+    os.environ.setdefault(SWEEP_STAMP_ENV, sweep_stamp())
+
     # Stages run from the project root (as DVC runs them), and read that project's params.yaml.
     @hydra.main(version_base="1.3", config_path=str(Path.cwd()), config_name="conf/stage")
     def main(cfg: DictConfig) -> Any:
@@ -148,7 +180,7 @@ def run_stage(name: str, body: Callable[[PipelineConfig], Any], params: Sequence
             if in_multirun():
                 raise  # Hydra records the job as failed and the sweep goes on
             logger.debug("error details", exc_info=True)
-            print(f"{name}: error: {exc}", file=sys.stderr)
+            print_error(name, exc)
             sys.exit(1)
 
     main()

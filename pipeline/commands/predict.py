@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.artifacts import iter_jsonl
-from pipeline.errors import DataValidationError
+from pipeline.errors import PipelineError
 from pipeline.inference import TEXT, TEXT_PAIR
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         if partial:
             partial.replace(args.output)
-    except (InputError, DataValidationError, OSError) as exc:
+    except (InputError, PipelineError, OSError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 1
     return 0

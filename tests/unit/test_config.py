@@ -111,3 +111,11 @@ def test_a_key_conf_does_not_set_is_named():
     del params["runtime"]["eval_batch_size"]
     with pytest.raises(ConfigError, match=r"missing key 'runtime.eval_batch_size'"):
         load_config(OmegaConf.create(params))
+
+
+def test_a_misspelt_experiment_is_refused_not_replaced_by_the_defaults():
+    # `optional experiment` would compose the defaults and train them under the wrong name.
+    with pytest.raises(MissingConfigException) as error:
+        compose_params(["experiment=mrpc_minlm"])
+    assert "Could not find 'experiment/mrpc_minlm'" in str(error.value)
+    assert "mrpc_minilm" in str(error.value)
