@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataValidationError, PipelineError
+from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -128,25 +128,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
-
-
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSON Lines file.
-
-    Raises:
-        DataValidationError: naming ``file:line`` of a line that is not a JSON object.
-    """
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataValidationError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DataValidationError(f"{path}:{number}: expected a JSON object per line")
-            yield number, record
 
 
 def hash_path(path: str | os.PathLike) -> str:

@@ -79,6 +79,9 @@ class DatasetConfig:
     or ids) or regression (labels are numbers, like GLUE STS-B's similarity scores). ``metrics``
     lists what evaluation reports (null: the task's usual set); ``id_column`` and
     ``submission_name`` let unlabelled test splits be written as GLUE submission files.
+    ``encoding`` is that of local text files (the reader checks it: it must be ASCII-compatible).
+    ``min_class_rows``: a label inferred from the data (not in ``label_names``, not declared by
+    the source) with fewer rows over the labelled splits is refused as a probable stray value.
     """
 
     name: str
@@ -101,6 +104,8 @@ class DatasetConfig:
     test_size: float
     deduplicate: bool
     on_leakage: str
+    encoding: str
+    min_class_rows: int
 
     def __post_init__(self) -> None:
         _check_choice("dataset", "source", self.source, SOURCES)
@@ -125,6 +130,9 @@ class DatasetConfig:
         _check_fraction("dataset", "test_size", self.test_size)
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise ConfigError(f"dataset.label_names has repeated names: {self.label_names}")
+        if self.min_class_rows < 0:
+            raise ConfigError(f"dataset.min_class_rows={self.min_class_rows} must be 0 or more "
+                              "(0 turns the check off)")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,11 @@
 """The download stage's data half: validate what a source holds, de-duplicate, find leakage,
 carve missing splits, and write the dataset snapshot every later stage reads.
 
+A label set inferred from the values (no ``dataset.label_names``, no source ``ClassLabel``)
+would turn one stray value into an extra class, so a label with fewer than
+``dataset.min_class_rows`` rows is refused; a split left empty is refused too, since the later
+stages would fail on it far from the cause.
+
 The snapshot's shape is the contract in :mod:`pipeline.contracts`; ``manifest.json`` beside the
 parquet files describes what was read, removed and why.
 """
@@ -191,8 +196,13 @@ def prepare_dataset(cfg: DatasetConfig, seed: int) -> tuple[datasets.DatasetDict
         and all(_as_int(n) is not None for n in names)
     report: dict[str, Any] = {"splits": {}}
     columns = {}
+    first_rows: dict[int, str] = {}  # label id -> where one of its rows came from
     for name, split in splits.items():
         checked = validate_split(split, cfg, names, inferred_ints)
+        if cfg.task == "classification":
+            for row, label in enumerate(checked[LABEL]):
+                if label != UNLABELED and label not in first_rows:
+                    first_rows[label] = split.where(row)
         stats = {"rows_read": len(split)}
         labeled = any(label != UNLABELED for label in checked[LABEL])
         # An unlabelled split keeps every row: a submission needs a prediction for each id.
@@ -207,6 +217,11 @@ def prepare_dataset(cfg: DatasetConfig, seed: int) -> tuple[datasets.DatasetDict
         report["splits"][name] = stats
 
     report["leakage"] = _handle_leakage(columns, cfg.on_leakage)
+    _require_rows(columns, report)
+    if cfg.task == "classification":
+        _check_class_sizes(columns, names, first_rows, cfg,
+                           inferred=not cfg.label_names
+                           and not any(s.label_names for s in splits.values()))
     features = datasets.Features({TEXT: datasets.Value("string")})
     if cfg.text_pair_column:
         features[TEXT_PAIR] = datasets.Value("string")
@@ -239,6 +254,49 @@ def prepare_dataset(cfg: DatasetConfig, seed: int) -> tuple[datasets.DatasetDict
         "seed": seed,
     })
     return dataset, report
+
+
+def _require_rows(columns: dict[str, dict[str, list[Any]]], report: dict[str, Any]) -> None:
+    """Refuse a split that de-duplication or leakage removal left without rows."""
+    for name, cols in columns.items():
+        if cols[LABEL]:
+            continue
+        stats = report["splits"][name]
+        dropped = report["leakage"]["dropped_from_train"] if name == "train" else 0
+        raise DataValidationError(
+            f"split '{name}' is empty: of its {stats['rows_read']} rows, "
+            f"{stats.get('duplicates_removed', 0)} were duplicates and {dropped} also appear in "
+            "an evaluation split (dataset.on_leakage=drop); fix the source, or set "
+            "dataset.on_leakage=warn")
+
+
+def _check_class_sizes(columns: dict[str, dict[str, list[Any]]], names: list[str],
+                       first_rows: dict[int, str], cfg: DatasetConfig, inferred: bool) -> None:
+    """Log the label set with its row counts over the labelled splits; where the set was
+    inferred from the values, refuse a label with fewer than ``dataset.min_class_rows`` rows.
+
+    Raises:
+        DataValidationError: naming the rarest such label, its count, one of its rows and the
+            two ways out.
+    """
+    counts = Counter(label for cols in columns.values() for label in cols[LABEL]
+                     if label != UNLABELED)
+    logger.info("labels (rows over the labelled splits): %s",
+                ", ".join(f"{n} {counts[i]}" for i, n in enumerate(names)))
+    if not inferred:
+        return
+    rare = sorted((counts[i], i) for i in range(len(names)) if counts[i] < cfg.min_class_rows)
+    if not rare:
+        return
+    count, label = rare[0]
+    others = "".join(f", and label {names[i]!r} {n} row{'' if n == 1 else 's'}"
+                     for n, i in rare[1:4]) + (", ..." if len(rare) > 4 else "")
+    left = " once duplicates and leakage are removed" if count == 0 else ""
+    raise DataValidationError(
+        f"{first_rows[label]}: label {names[label]!r} has {count} row{'' if count == 1 else 's'}"
+        f" over the labelled splits{left}{others} (dataset.min_class_rows={cfg.min_class_rows}):"
+        " fix the row if the label is a mistake; if it is a real class, list it in "
+        "dataset.label_names or lower dataset.min_class_rows")
 
 
 def _handle_leakage(columns: dict[str, dict[str, list[Any]]], action: str) -> dict[str, Any]:
@@ -292,14 +350,23 @@ def _carve_missing_splits(dataset: datasets.DatasetDict, cfg: DatasetConfig,
 
 def _stratified_split(split: datasets.Dataset, fraction: float, seed: int,
                       task: str) -> tuple[datasets.Dataset, datasets.Dataset]:
-    if task == "regression":
-        parts = split.train_test_split(test_size=fraction, seed=seed)
-        return parts["train"], parts["test"]
-    try:
-        parts = split.train_test_split(test_size=fraction, stratify_by_column=LABEL, seed=seed)
-    except ValueError as exc:
-        logger.warning("stratified split impossible (%s); splitting without stratification", exc)
-        parts = split.train_test_split(test_size=fraction, seed=seed)
+    parts = None
+    if task != "regression":
+        try:
+            parts = split.train_test_split(test_size=fraction, stratify_by_column=LABEL,
+                                           seed=seed)
+        except ValueError as exc:
+            logger.warning("stratified split impossible (%s); splitting without stratification",
+                           exc)
+    if parts is None:
+        try:
+            parts = split.train_test_split(test_size=fraction, seed=seed)
+        except ValueError:
+            rows = f"{len(split)} row{'' if len(split) == 1 else 's'}"
+            raise DataValidationError(
+                f"split 'train' has {rows} left, too few to carve a validation or test split "
+                "(dataset.validation_size, dataset.test_size) and keep rows to train on: add "
+                "rows, or give the source validation and test splits") from None
     return parts["train"], parts["test"]
 
 

@@ -3,7 +3,11 @@
 Sources: the Hugging Face Hub (id + pinned revision), local files (csv, tsv with quoting off,
 jsonl, parquet, or a folder per class of .txt files), or a folder inside an installed Python
 package. Each split comes back as columns plus where every row came from (``file:line``), so
-that the checks in :mod:`pipeline.preparation` can name the row at fault.
+that the checks in :mod:`pipeline.preparation` can name the row at fault. Every reader refuses
+what would silently misalign texts and labels or leave a split empty: blank, repeated or
+case-colliding column names, bytes that are not valid in ``dataset.encoding``, and files
+without data rows (:mod:`pipeline.textfiles` holds the checks, shared with the inference
+command).
 
 The readers are hand-written rather than ``load_dataset("csv", ...)`` because the contract needs
 errors that name the file and line of a malformed row, and TSV read with quoting off (GLUE text
@@ -12,7 +16,6 @@ has unbalanced quotes that a quoting reader silently merges across rows).
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import importlib.util
 import logging
@@ -24,15 +27,23 @@ from typing import Any, Optional
 import datasets
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import iter_jsonl
 from pipeline.config import DatasetConfig
 from pipeline.contracts import LABEL, TEXT
 from pipeline.errors import ConfigError, DataValidationError
+from pipeline.textfiles import (
+    check_column_names,
+    check_encoding,
+    decode_error,
+    is_utf8,
+    iter_records,
+    no_data_rows,
+)
 
 logger = logging.getLogger(__name__)
 
 _EXTENSIONS = {"csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl", "parquet": ".parquet"}
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+_ENCODING_HINT = "set dataset.encoding"
 
 
 @dataclass
@@ -90,18 +101,30 @@ def resolve_package_path(spec: str, revision: Optional[str] = None) -> tuple[Pat
 
 
 def read_source(cfg: DatasetConfig) -> tuple[dict[str, SourceSplit], Provenance]:
-    """Read every split of the configured source into memory."""
+    """Read every split of the configured source into memory.
+
+    Raises:
+        ConfigError: the source, or ``dataset.encoding``, cannot be used.
+        DataValidationError: naming the file (and line) of bad column names, bytes that are
+            not valid in ``dataset.encoding``, a malformed row, or a split with no data rows.
+    """
+    encoding = check_encoding(cfg.encoding, "dataset.encoding")
     if cfg.source == "hub":
-        return _read_hub(cfg)
-    if cfg.source == "package":
+        splits, provenance = _read_hub(cfg)
+    elif cfg.source == "package":
         folder, version = resolve_package_path(cfg.path, cfg.revision)
         provenance = Provenance("package", cfg.path, cfg.subset, version)
-        return _read_local(folder, cfg.format or "folders", provenance), provenance
-    path = Path(cfg.path)
-    if not path.exists():
-        raise ConfigError(f"dataset.path '{cfg.path}' does not exist")
-    provenance = Provenance("local", cfg.path, cfg.subset, cfg.revision)
-    return _read_local(path, cfg.format or "", provenance), provenance
+        splits = _read_local(folder, cfg.format or "folders", encoding, provenance)
+    else:
+        path = Path(cfg.path)
+        if not path.exists():
+            raise ConfigError(f"dataset.path '{cfg.path}' does not exist")
+        provenance = Provenance("local", cfg.path, cfg.subset, cfg.revision)
+        splits = _read_local(path, cfg.format or "", encoding, provenance)
+    for split in splits.values():
+        if not len(split):
+            raise no_data_rows(split.origin)
+    return splits, provenance
 
 
 def _read_hub(cfg: DatasetConfig) -> tuple[dict[str, SourceSplit], Provenance]:
@@ -121,6 +144,7 @@ def _read_hub(cfg: DatasetConfig) -> tuple[dict[str, SourceSplit], Provenance]:
 
 
 def _from_hf_dataset(name: str, split: datasets.Dataset, origin: str) -> SourceSplit:
+    check_column_names(split.column_names, origin)
     names = None
     for feature in split.features.values():
         if isinstance(feature, datasets.ClassLabel):
@@ -128,13 +152,14 @@ def _from_hf_dataset(name: str, split: datasets.Dataset, origin: str) -> SourceS
     return SourceSplit(name, split.to_dict(), origin, label_names=names)
 
 
-def _read_local(path: Path, fmt: str, provenance: Provenance) -> dict[str, SourceSplit]:
+def _read_local(path: Path, fmt: str, encoding: str,
+                provenance: Provenance) -> dict[str, SourceSplit]:
     if fmt == "folders":
         split_dirs = {d.name: d for d in sorted(path.iterdir())
                       if d.is_dir() and d.name in ("train", "validation", "test")}
         if "train" not in split_dirs:
             split_dirs = {"train": path}
-        splits = {name: _read_class_folders(name, d) for name, d in split_dirs.items()}
+        splits = {name: _read_class_folders(name, d, encoding) for name, d in split_dirs.items()}
         provenance.files = [_relative(d, path) for d in split_dirs.values()]
         return splits
     suffix = _EXTENSIONS[fmt]
@@ -145,9 +170,9 @@ def _read_local(path: Path, fmt: str, provenance: Provenance) -> dict[str, Sourc
     if "train" not in files:
         raise DataValidationError(f"{path}: no train split; found {', '.join(files)}")
     provenance.files = [_relative(p, path) for p in files.values()]
-    reader = {"csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl,
-              "parquet": _read_parquet}[fmt]
-    return {name: reader(name, file) for name, file in files.items()}
+    if fmt == "parquet":
+        return {name: _read_parquet(name, file) for name, file in files.items()}
+    return {name: _read_text(name, file, fmt, encoding) for name, file in files.items()}
 
 
 def _relative(file: Path, root: Path) -> str:
@@ -156,64 +181,49 @@ def _relative(file: Path, root: Path) -> str:
     return file.name if file == root else str(file.relative_to(root))
 
 
-def _read_delimited(name: str, path: Path) -> SourceSplit:
-    """CSV with standard quoting, or TSV with quoting off (QUOTE_NONE), header row required."""
-    tsv = path.suffix == ".tsv"
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ","}
-    kind = "tab" if tsv else "comma"
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle, **dialect)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataValidationError(f"{path}: file is empty (a header row is required)") from None
-        columns: dict[str, list[Any]] = {h: [] for h in header}
-        lines = []
-        start = reader.line_num + 1
-        for row in reader:
-            if not row:
-                start = reader.line_num + 1
-                continue
-            if len(row) != len(header):
-                raise DataValidationError(
-                    f"{path}:{start}: malformed row: expected {len(header)} {kind}-separated "
-                    f"fields ({', '.join(header)}), found {len(row)}")
-            for key, value in zip(header, row):
-                columns[key].append(value)
-            lines.append(f"{path}:{start}")
-            start = reader.line_num + 1
-    return SourceSplit(name, columns, str(path), locations=lines)
-
-
-def _read_jsonl(name: str, path: Path) -> SourceSplit:
+def _read_text(name: str, path: Path, fmt: str, encoding: str) -> SourceSplit:
+    """A csv (standard quoting), tsv (quoting off; both with a header row) or jsonl file; a
+    column that some jsonl lines lack reads as missing (None) on those lines."""
     columns: dict[str, list[Any]] = {}
     lines = []
-    for number, record in iter_jsonl(path):
-        for key in record.keys() - columns.keys():
-            columns[key] = [None] * len(lines)
+    for where, record in iter_records(path, fmt, encoding, _ENCODING_HINT):
+        for key in record:
+            if key not in columns:
+                columns[key] = [None] * len(lines)
         for key, values in columns.items():
             values.append(record.get(key))
-        lines.append(f"{path}:{number}")
+        lines.append(where)
     return SourceSplit(name, columns, str(path), locations=lines)
 
 
 def _read_parquet(name: str, path: Path) -> SourceSplit:
     try:
+        # The names first: pyarrow writes repeated field names, then fails to read them by name.
+        check_column_names(pq.read_schema(path).names, str(path))
         table = pq.read_table(path)
+    except DataValidationError:
+        raise
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise DataValidationError(f"{path}: not a readable parquet file: {exc}") from None
     return _from_hf_dataset(name, datasets.Dataset(table), str(path))
 
 
-def _read_class_folders(name: str, root: Path) -> SourceSplit:
+def _read_class_folders(name: str, root: Path, encoding: str) -> SourceSplit:
+    """Each ``<class>/*.txt`` file is one text. With the default UTF-8, a file that is not valid
+    UTF-8 is read as cp1252 with a warning: older corpora (BBC News among them) hold a few cp1252
+    bytes such as 0xA3 (£). Another ``dataset.encoding`` is used as it is, strictly."""
+    fallback = is_utf8(encoding)
     texts, labels, origins = [], [], []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir()):
         for file in sorted(class_dir.glob("*.txt")):
             raw = file.read_bytes()
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                # Older corpora (BBC News among them) hold a few cp1252 bytes such as 0xA3 (£).
+                text = raw.decode(encoding)
+            except UnicodeDecodeError as exc:
+                if not fallback:
+                    line = raw.count(b"\n", 0, exc.start) + 1
+                    raise decode_error(f"{file}:{line}", 0, exc, encoding,
+                                       _ENCODING_HINT) from None
                 text = raw.decode("cp1252", errors="replace")
                 logger.warning("%s is not valid UTF-8; read it as cp1252", file)
             texts.append(text.strip())

@@ -13,7 +13,7 @@ PARAMS = ["seed", "dataset.name", "dataset.source", "dataset.path", "dataset.sub
           "dataset.revision", "dataset.format", "dataset.text_column", "dataset.text_pair_column",
           "dataset.label_column", "dataset.label_names", "dataset.task", "dataset.id_column",
           "dataset.validation_size", "dataset.test_size", "dataset.deduplicate",
-          "dataset.on_leakage", "model"]
+          "dataset.on_leakage", "dataset.encoding", "dataset.min_class_rows", "model"]
 
 
 def download(cfg: PipelineConfig) -> None:

@@ -136,6 +136,8 @@ BAD_INPUTS = {
     "empty text": ([], "column 'sentence' is empty"),
     "malformed tsv": (["dataset.format=tsv"], "malformed row: expected 2 tab-separated fields"),
     "config typo": (["+train.learnin_rate=1"], "unknown key 'train.learnin_rate'"),
+    "not utf-8": (["dataset.format=csv"], "train.csv:3: byte 0xe9 at byte offset 37 is not valid "
+                  "utf-8; if the file is in another encoding, set dataset.encoding"),
 }
 
 
@@ -143,6 +145,10 @@ def _bad_source(kind: str, folder: Path) -> Path:
     folder.mkdir()
     if kind == "malformed tsv":
         (folder / "train.tsv").write_text("sentence\tlabel\ngood film\tpositive\nno label here\n")
+        return folder
+    if kind == "not utf-8":  # cp1252, as spreadsheet programs on Windows save csv
+        (folder / "train.csv").write_bytes(b"sentence,label\ngood film,positive\n"
+                                           b"caf\xe9 scene,negative\n")
         return folder
     rows = [{"sentence": "good film", "label": "positive"},
             {"sentence": "bad", "label": "negative"}]
@@ -171,6 +177,7 @@ def test_bad_input_fails_in_one_line_and_leaves_no_output(project, tmp_path, kin
         assert str(source) in lines[0], "the error names the file"
     assert not raw_dir.exists() and not (tmp_path / "checkpoint").exists()
     assert "Traceback" not in done.stderr
+    assert ".partial" not in lines[0], "the error names the source, not a temporary output"
 
 
 def test_a_stage_run_before_its_inputs_exist_says_which_is_missing(project, tmp_path):

@@ -8,6 +8,10 @@
 Prints one JSON object per input (JSON Lines): the input, the predicted ``label`` and the
 ``probabilities`` of every class, or the ``score`` of a regression model. Files (csv, tsv, jsonl)
 stream through in chunks with a progress bar; their other columns pass through to the output.
+Files and stdin are decoded with ``--encoding`` (default utf-8); bad input (a byte that is not
+valid in it, repeated or blank column names, a malformed row, a file with no data rows) stops
+with one line naming the file or <stdin> and the line, and no --output file is left behind. An
+empty stdin gives no output, as filters do; an --input file without data rows is an error.
 
 Not a DVC stage and not a Hydra app: inference takes texts and files from the command line and
 stdin, which argparse expresses directly.
@@ -17,24 +21,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
+import itertools
 import json
 import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
-from pipeline.artifacts import iter_jsonl
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.inference import TEXT, TEXT_PAIR
+from pipeline.textfiles import FORMATS, check_encoding, iter_lines, iter_records
+
+_ENCODING_HINT = "pass --encoding"
 
 
 class InputError(Exception):
     """Bad input, reported in one line naming the file, line and column."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (and exit status 2), like the command's other errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-text-pipeline predict",
+    parser = _Parser(prog="hf-text-pipeline predict",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("texts", nargs="*", help="texts to classify (with --pairs: text, pair, "
@@ -49,8 +63,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pair-column", default=None,
                         help=f"column of the second text (default: {TEXT_PAIR} if the file has it)")
     parser.add_argument("--output", "-o", type=Path, help="write JSON Lines here (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=_positive, default=64,
+                        help="rows per forward pass (default: 64)")
+    parser.add_argument("--encoding", type=_encoding, default="utf-8",
+                        help="of --input and stdin, e.g. cp1252 or latin-1 (default: utf-8; "
+                        "a UTF-8 byte-order mark is skipped)")
     return parser
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def _encoding(value: str) -> str:
+    try:
+        return check_encoding(value, "--encoding")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--encoding=")) from None
 
 
 def _from_arguments(texts: list[str], pairs: bool) -> tuple[list[dict[str, str]], int]:
@@ -62,9 +97,15 @@ def _from_arguments(texts: list[str], pairs: bool) -> tuple[list[dict[str, str]]
     return rows, len(rows)
 
 
-def _from_stdin(pairs: bool) -> Iterator[dict[str, str]]:
-    for number, line in enumerate(sys.stdin, start=1):
-        line = line.rstrip("\n")
+def _from_stdin(pairs: bool, encoding: str) -> Iterator[dict[str, str]]:
+    # The raw bytes where there are some, so that a bad byte is named like a file's.
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is not None:
+        lines = iter_lines(buffer, "<stdin>", encoding, _ENCODING_HINT)
+    else:  # a text stream already decoded (tests, embedding)
+        lines = enumerate(sys.stdin, start=1)
+    for number, line in lines:
+        line = line.rstrip("\r\n")
         if not line.strip():
             continue
         if not pairs:
@@ -77,33 +118,20 @@ def _from_stdin(pairs: bool) -> Iterator[dict[str, str]]:
         yield {TEXT: parts[0], TEXT_PAIR: parts[1]}
 
 
-def _records(path: Path) -> Iterator[tuple[str, dict]]:
-    """(``file:line``, row) for each row of a csv, tsv or jsonl file."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        for number, record in iter_jsonl(path):
-            yield f"{path}:{number}", record
-    elif suffix in (".csv", ".tsv"):
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, **dialect)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", row
-    else:
-        raise InputError(f"{path}: unknown file type (use .csv, .tsv or .jsonl)")
-
-
 def _count_rows(path: Path) -> int:
     with open(path, "rb") as handle:
         lines = sum(1 for line in handle if line.strip())
-    return lines - (path.suffix.lower() in (".csv", ".tsv"))  # the header
+    return lines - (FORMATS.get(path.suffix.lower()) != "jsonl")  # the header
 
 
-def _from_file(path: Path, text_column: str, pair_column: str | None,
-               pairs: bool) -> Iterator[dict[str, str]]:
+def _from_file(path: Path, text_column: str, pair_column: str | None, pairs: bool,
+               encoding: str) -> Iterator[dict[str, str]]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    for where, row in _records(path):
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: unknown file type (use .csv, .tsv or .jsonl)")
+    for where, row in iter_records(path, fmt, encoding, _ENCODING_HINT):
         if pair_column is None and (pairs or TEXT_PAIR in row):
             pair_column = TEXT_PAIR
         for column in (text_column, pair_column):
@@ -124,16 +152,22 @@ def _from_file(path: Path, text_column: str, pair_column: str | None,
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm.auto import tqdm
+
     from pipeline.inference import Classifier
 
     try:
         if args.texts:
             rows, total = _from_arguments(args.texts, args.pairs)
         elif args.input:
-            rows = _from_file(args.input, args.text_column, args.pair_column, args.pairs)
-            total = _count_rows(args.input) if args.input.is_file() else None
+            rows = _from_file(args.input, args.text_column, args.pair_column, args.pairs,
+                              args.encoding)
+            # The first row before the model loads: a bad header or an empty file fails at once.
+            first = next(rows)
+            rows = itertools.chain([first], rows)
+            total = _count_rows(args.input)
         elif not sys.stdin.isatty():
-            rows, total = _from_stdin(args.pairs), None
+            rows, total = _from_stdin(args.pairs, args.encoding), None
         else:
             raise InputError("nothing to classify: give texts, --input FILE, or pipe lines "
                              "to stdin")
@@ -141,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         partial = args.output.with_name(args.output.name + ".tmp") if args.output else None
         with contextlib.ExitStack() as stack:
             output = stack.enter_context(open(partial, "w")) if partial else sys.stdout
+            # The bar closes (ending its line) before any error is printed below it.
+            bar = stack.enter_context(tqdm(total=total, unit="rows", disable=not args.input))
             try:
-                for record in classifier.predict(rows, total=total, progress=bool(args.input)):
+                for record in classifier.predict(rows):
                     output.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    bar.update(1)
             except BaseException:
                 if partial:  # never leave a partial file under the requested name
                     stack.close()

@@ -252,6 +252,68 @@ def test_predict_names_the_bad_input(chain, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_predict_error_mid_file_starts_its_own_line_and_leaves_no_output(chain, tmp_path,
+                                                                         capsys):
+    # Before: the error was printed on the progress bar's line.
+    from pipeline.commands.predict import main
+
+    cfg, *_ = chain
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"text": "the film was great"}\n{"text": "dull"}\n{"sentence": "x"}\n')
+    output = tmp_path / "out.jsonl"
+    assert main(["--model", cfg.paths.model_dir, "--input", str(source),
+                 "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert "rows/s" in err, "the progress bar had started"
+    assert f"\npredict: error: {source}:3: no column 'text'" in err
+    assert [line for line in err.splitlines() if "predict: error" in line] == \
+        [err.splitlines()[-1]]
+    assert not output.exists() and not list(tmp_path.glob("*.tmp")), "no partial output"
+
+
+def test_predict_names_a_bad_byte_mid_file_and_reads_the_file_with_encoding(chain, tmp_path,
+                                                                            capsys):
+    # Before: a UnicodeDecodeError traceback.
+    from pipeline.commands.predict import main
+
+    cfg, *_ = chain
+    output = tmp_path / "out.jsonl"
+    source = tmp_path / "rows.csv"
+    source.write_bytes(b"id,text\n0,the film was great\n1,dull and slow\n2,caf\xe9 scene\n")
+    assert main(["--model", cfg.paths.model_dir, "--input", str(source),
+                 "--output", str(output)]) == 1
+    offset = source.read_bytes().index(b"\xe9")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"predict: error: {source}:4: byte 0xe9 at byte offset {offset} is not valid utf-8; if "
+        "the file is in another encoding, pass --encoding (e.g. cp1252 or latin-1)")
+    assert not output.exists() and not list(tmp_path.glob("*.tmp")), "no partial output"
+    assert main(["--model", cfg.paths.model_dir, "--input", str(source), "--encoding", "cp1252",
+                 "--output", str(output)]) == 0
+    predicted = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["text"] for row in predicted] == ["the film was great", "dull and slow",
+                                                  "caf\u00e9 scene"]
+
+
+def test_predict_decodes_stdin_with_the_encoding_and_an_empty_stdin_gives_no_output(
+        chain, capsys, monkeypatch):
+    from pipeline.commands.predict import main
+
+    cfg, *_ = chain
+    piped = b"the film was great\r\ncaf\xe9 scene\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped)))
+    assert main(["--model", cfg.paths.model_dir]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after transformers' loading bar
+        "predict: error: <stdin>:2: byte 0xe9 at byte offset 23 is not valid utf-8; if the file "
+        "is in another encoding, pass --encoding (e.g. cp1252 or latin-1)")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped)))
+    assert main(["--model", cfg.paths.model_dir, "--encoding", "cp1252"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["text"] for row in rows] == ["the film was great", "caf\u00e9 scene"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert main(["--model", cfg.paths.model_dir]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_predict_loads_the_mlflow_model_of_the_run(chain, capsys, monkeypatch):
     from pipeline.commands.predict import main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -285,3 +286,88 @@ def test_unlabelled_splits_keep_their_duplicates(tmp_path):
     write_tsv(tmp_path / "test.tsv", ["same\tpair\t-1", "same\tpair\t-1", "other\tpair\t-1"])
     dataset, _ = prepare_dataset(pairs_cfg(tmp_path), seed=0)
     assert len(dataset["test"]) == 3, "a submission needs a prediction for every row"
+
+
+def _stray_label(tmp_path: Path) -> Path:
+    rows = [(f"good {i}", "positive") for i in range(4)] + [(f"bad {i}", "negative")
+                                                             for i in range(4)]
+    rows.insert(5, ("oops", "postive"))
+    return _jsonl_splits(tmp_path, {"train": rows}) / "train.jsonl"
+
+
+def test_a_label_with_too_few_rows_is_refused_naming_its_row(tmp_path):
+    # Before: with no label_names, "postive" silently became a third class.
+    path = _stray_label(tmp_path)
+    with pytest.raises(DataValidationError) as error:
+        prepare_dataset(local(path, "jsonl"), seed=0)
+    assert str(error.value) == (
+        f"{path}:6: label 'postive' has 1 row over the labelled splits "
+        "(dataset.min_class_rows=2): fix the row if the label is a mistake; if it is a real "
+        "class, list it in dataset.label_names or lower dataset.min_class_rows")
+
+
+def test_a_rare_label_is_kept_when_listed_or_when_the_minimum_allows_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.preparation")
+    path = _stray_label(tmp_path)
+    listed = local(path, "jsonl", label_names=["negative", "positive", "postive"],
+                   validation_size=0.25, test_size=0.25)
+    dataset, _ = prepare_dataset(listed, seed=0)
+    assert dataset["train"].features["label"].names == ["negative", "positive", "postive"]
+    assert "labels (rows over the labelled splits): negative 4, positive 4, postive 1" in \
+        caplog.text
+    dataset, _ = prepare_dataset(local(path, "jsonl", min_class_rows=1, validation_size=0.25,
+                                       test_size=0.25), seed=0)
+    assert len(dataset["train"].features["label"].names) == 3
+
+
+def test_class_rows_are_counted_over_labelled_splits_after_deduplication(tmp_path):
+    ok = _jsonl_splits(tmp_path / "ok", {
+        "train": [("a", "x"), ("b", "x"), ("c", "y")], "validation": [("d", "y"), ("e", "x")],
+        "test": [("f", "x"), ("g", "y")]})
+    prepare_dataset(local(ok, "jsonl", min_class_rows=3), seed=0)  # y: 1 + 1 + 1 rows
+    integers = _jsonl_splits(tmp_path / "ints", {  # 7 in place of a 1: an extra integer class
+        "train": [("a", 0), ("b", 1), ("c", 0), ("d", 7), ("e", 1)]})
+    with pytest.raises(DataValidationError, match=r"train.jsonl:4: label '7' has 1 row"):
+        prepare_dataset(local(integers, "jsonl"), seed=0)
+    repeated = _jsonl_splits(tmp_path / "dup", {  # two rows, one once de-duplicated
+        "train": [("a", "x"), ("b", "x"), ("c", "y"), ("c", "y"), ("d", "x")]})
+    with pytest.raises(DataValidationError, match=r"train.jsonl:3: label 'y' has 1 row"):
+        prepare_dataset(local(repeated, "jsonl"), seed=0)
+    conflict = _jsonl_splits(tmp_path / "conflict", {  # its one row repeats an earlier text
+        "train": [("a", "x"), ("b", "x"), ("a", "y"), ("c", "x")]})
+    with pytest.raises(DataValidationError, match=r"train.jsonl:3: label 'y' has 0 rows over the "
+                                                  "labelled splits once duplicates and leakage"):
+        prepare_dataset(local(conflict, "jsonl", min_class_rows=1), seed=0)
+
+
+def test_regression_scores_are_not_classes(tmp_path):
+    source = _scores(tmp_path, ["0.5", "4.25", "3", "2", "1.5", "0"], ["-1", "-1"])
+    cfg = regression_cfg(source)
+    assert cfg.min_class_rows == 2
+    dataset, _ = prepare_dataset(cfg, seed=0)  # every score occurs once
+    assert len(dataset["train"]) == 6
+
+
+def test_min_class_rows_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.min_class_rows=-1 must be 0 or more"):
+        local(tmp_path, "jsonl", min_class_rows=-1)
+
+
+def test_a_split_emptied_by_leakage_removal_is_refused(tmp_path):
+    # Before: an empty train split was written, and tokenize or train failed far from the cause.
+    root = _jsonl_splits(tmp_path, {"train": [("a", "x"), ("b", "y"), ("a", "x")],
+                                    "validation": [("a", "x"), ("b", "y")],
+                                    "test": [("c", "x"), ("d", "y")]})
+    with pytest.raises(DataValidationError) as error:
+        prepare_dataset(local(root, "jsonl"), seed=0)
+    assert str(error.value) == (
+        "split 'train' is empty: of its 3 rows, 1 were duplicates and 2 also appear in an "
+        "evaluation split (dataset.on_leakage=drop); fix the source, or set "
+        "dataset.on_leakage=warn")
+
+
+def test_a_train_split_too_small_to_carve_is_refused(tmp_path):
+    # Before: a ValueError traceback from datasets' train_test_split.
+    root = _jsonl_splits(tmp_path, {"train": [("a", "x"), ("b", "y")]})
+    with pytest.raises(DataValidationError, match=r"split 'train' has 1 row left, too few"):
+        prepare_dataset(local(root, "jsonl", min_class_rows=1), seed=0)
