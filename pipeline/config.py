@@ -182,12 +182,34 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize.max_length={self.max_length} is too short (minimum 8)")
 
 
+# transformers' schedulers that need no ``lr_scheduler_kwargs`` (TrainConfig passes none). Kept
+# here so loading a config needs no transformers import; a unit test checks each against
+# ``transformers.get_scheduler`` so the list cannot drift from the installed version.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau")
+CLASS_WEIGHTS = ("none", "balanced")
+_INF = float("inf")
+
+
+def _check_positive(section: str, key: str, value: float) -> None:
+    """Finite and above zero. NaN compares false with everything, so ``value <= 0`` alone lets
+    it through, to fail (or train on NaN) deep inside the Trainer."""
+    if not 0 < value < _INF:
+        raise ConfigError(f"{section}.{key}={value} must be a finite number above 0")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Trainer settings that decide what model comes out. ``strategy``: ``finetune`` trains every
     weight; ``head_only`` freezes the pretrained body and trains only the new head (transfer
     learning); ``two_phase`` trains the head alone for ``head_epochs`` at
-    ``head_learning_rate``, then everything for ``num_train_epochs`` at ``learning_rate``."""
+    ``head_learning_rate``, then everything for ``num_train_epochs`` at ``learning_rate``.
+    ``class_weights``: ``none``, or ``balanced`` to weight each class's cross-entropy by
+    n_samples / (n_classes * count) over the training split (classification only).
+
+    Every value the Trainer would reject, or accept and then train nonsense with (NaN or
+    infinite rates and epochs, a cap of zero rows), is refused here, at load time, naming the key.
+    """
 
     strategy: str
     learning_rate: float
@@ -201,25 +223,32 @@ class TrainConfig:
     metric_for_best_model: Optional[str]
     max_train_samples: Optional[int]
     max_eval_samples: Optional[int]
+    class_weights: str
     head_learning_rate: Optional[float] = only_for("strategy", "two_phase")
     head_epochs: Optional[float] = only_for("strategy", "two_phase")
 
     def __post_init__(self) -> None:
         _check_choice("train", "strategy", self.strategy, STRATEGIES)
         _check_choice("train", "precision", self.precision, PRECISIONS)
-        positive = ["learning_rate"] + (["head_learning_rate", "head_epochs"]
-                                        if self.strategy == "two_phase" else [])
+        _check_choice("train", "lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        _check_choice("train", "class_weights", self.class_weights, CLASS_WEIGHTS)
+        positive = ["learning_rate", "num_train_epochs"] + (
+            ["head_learning_rate", "head_epochs"] if self.strategy == "two_phase" else [])
         for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
+            _check_positive("train", key, getattr(self, key))
+        if not 0 <= self.weight_decay < _INF:
+            raise ConfigError(f"train.weight_decay={self.weight_decay} must be a finite number, "
+                              "0 or more")
         if not 0.0 <= self.warmup_ratio < 1.0:
             # transformers reads warmup_steps >= 1 as a step count, so a typo would go unnoticed
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if self.num_train_epochs <= 0:
-            raise ConfigError(f"train.num_train_epochs={self.num_train_epochs} must be positive")
         for key in ("per_device_train_batch_size", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be at least 1")
+        for key in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be at least 1, or null "
+                                  "for every row")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.artifacts import atomic_dir, read_json
 from pipeline.config import PipelineConfig
 from pipeline.contracts import load_pretrained_manifest, load_raw_manifest, load_tokenize_stats
+from pipeline.metrics import per_class_scores
 from pipeline.plots import plot_confusion, plot_scores, plot_training_curves, read_confusion
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,15 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return _table(["split", "examples", *names],
                   [[s, metrics[s]["examples"], *(_fmt(metrics[s][n]) for n in names)]
                    for s in splits])
+
+
+def _per_class_table(matrix, names: list[str]) -> str:
+    """Precision, recall and F1 of each class, with its gold and predicted counts: what a
+    headline accuracy or macro average hides on skewed data (a class that is never predicted)."""
+    rows = [[name, score["examples"], score["predicted"], _fmt(score["precision"]),
+             _fmt(score["recall"]), _fmt(score["f1"])]
+            for name, score in zip(names, per_class_scores(matrix))]
+    return _table(["class", "examples", "predicted", "precision", "recall", "F1"], rows)
 
 
 def _data_table(manifest: dict[str, Any], token_stats: dict[str, Any]) -> str:
@@ -83,6 +93,7 @@ def _config_table(cfg: PipelineConfig, pretrained: dict[str, Any]) -> str:
         ["epochs", cfg.train.num_train_epochs],
         ["batch size", cfg.train.per_device_train_batch_size],
         ["warmup ratio / weight decay", f"{cfg.train.warmup_ratio} / {cfg.train.weight_decay}"],
+        ["class weights", cfg.train.class_weights],
         ["seed", cfg.seed],
     ]
     return _table(["setting", "value"], rows)
@@ -105,10 +116,13 @@ def write_report(cfg: PipelineConfig) -> list[Path]:
     metric = cfg.train.metric_for_best_model or cfg.dataset.main_metric
     leakage = manifest["leakage"]
 
+    confusion = None if regression else read_confusion(paths.confusion_path, names)
     sections = {
         "config": _config_table(cfg, pretrained),
         "data": _data_table(manifest, token_stats),
         "metrics": _metrics_table(metrics),
+        "per_class": "" if regression else (
+            f"Per class on **{primary}**:\n\n{_per_class_table(confusion, names)}\n"),
     }
     figure = "scores.png" if regression else "confusion_matrix.png"
     headline = metrics[primary]
@@ -138,6 +152,7 @@ Truncation is at {token_stats['max_length']} tokens.
 
 {sections['metrics']}
 
+{sections['per_class']}
 ![{'predicted vs gold' if regression else 'confusion matrix'}]({figure})
 """
     with atomic_dir(paths.report_dir) as tmp:
@@ -145,8 +160,7 @@ Truncation is at {token_stats['max_length']} tokens.
         if regression:
             plot_scores(Path(paths.predictions_dir) / f"{primary}.jsonl", primary, tmp / figure)
         else:
-            plot_confusion(read_confusion(paths.confusion_path, names), names, primary,
-                            tmp / figure)
+            plot_confusion(confusion, names, primary, tmp / figure)
         (tmp / REPORT).write_text(report)
     with atomic_dir(paths.release_dir) as tmp:
         for file in Path(paths.model_dir).iterdir():
@@ -215,6 +229,7 @@ Headline split: **{primary}**.
 
 {sections['metrics']}
 
+{sections['per_class']}
 ## Limitations and bias
 
 - Scores hold for data like the evaluation split, and only for it: other sources, eras or

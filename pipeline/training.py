@@ -9,7 +9,10 @@ import functools
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import numpy as np
 
 from pipeline import tracking
 from pipeline.artifacts import atomic_dir, hash_path, write_json
@@ -28,11 +32,15 @@ from pipeline.contracts import (
     load_tokenize_stats,
     validation_split_name,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.metrics import task_metrics, trainer_metrics
 from pipeline.modeling import build_model
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(PipelineError):
+    """The training loss became NaN or infinite: training diverged and stops there."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class TrainResult:
     device: str
     precision: str
     head_parameters: list[str]
+    class_weights: Optional[dict[str, float]]
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -78,23 +87,140 @@ def _cap(split: datasets.Dataset, limit: Optional[int], seed: int) -> datasets.D
     return split.shuffle(seed=seed).select(range(limit))
 
 
+def balanced_class_weights(labels: Sequence[int], num_labels: int) -> list[float]:
+    """scikit-learn's "balanced" weights, n_samples / (n_classes * count of the class): every
+    class then carries the same total weight in the loss, however rare. A class with no example
+    gets 0; it is never a target, so its weight never enters the loss."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
+    return [float(len(labels) / (num_labels * count)) if count else 0.0 for count in counts]
+
+
+def weighted_cross_entropy(logits, labels, weights):
+    """Mean cross-entropy with each example weighted by its gold class's weight (normalised by
+    the batch's total weight, as ``torch.nn.CrossEntropyLoss(weight=...)`` does)."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1), weight=weights.to(logits.device))
+
+
 @dataclass(frozen=True)
 class Phase:
-    """One ``Trainer.train`` call: which weights train, at what rate, for how long."""
+    """One ``Trainer.train`` call: which weights train, at what rate (the config key that sets
+    it), for how long."""
 
     name: str
     head_only: bool
     learning_rate: float
     epochs: float
+    rate_key: str = "train.learning_rate"
 
 
 def plan_phases(cfg: TrainConfig) -> list[Phase]:
     if cfg.strategy == "head_only":
         return [Phase("head_only", True, cfg.learning_rate, cfg.num_train_epochs)]
     if cfg.strategy == "two_phase":
-        return [Phase("head", True, cfg.head_learning_rate, cfg.head_epochs),
+        return [Phase("head", True, cfg.head_learning_rate, cfg.head_epochs,
+                      "train.head_learning_rate"),
                 Phase("full", False, cfg.learning_rate, cfg.num_train_epochs)]
     return [Phase("finetune", False, cfg.learning_rate, cfg.num_train_epochs)]
+
+
+# The state a finished phase of a multi-phase run ended in, next to its checkpoints.
+FINAL_STATE = "final_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Bytes per element of each safetensors dtype.
+_SAFETENSORS_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
+                      "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8,
+                      "I64": 8, "F64": 8}
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """Why the safetensors file ``path`` is unusable (missing, truncated, bad header), or None.
+
+    Checks that each tensor's byte range matches its dtype and shape and that the ranges end
+    exactly at the end of the file, then opens it with ``safe_open``.
+    """
+    from safetensors import safe_open
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if header_size <= 0 or 8 + header_size > size:
+                return f"{path.name} is {size} bytes, too short for its header"
+            header = json.loads(handle.read(header_size))
+        end = 0
+        for name, tensor in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = tensor["data_offsets"]
+            expected = math.prod(tensor["shape"]) * _SAFETENSORS_SIZES[tensor["dtype"]]
+            if stop - begin != expected:
+                return (f"{path.name}: tensor {name} spans {stop - begin} bytes, its shape and "
+                        f"dtype need {expected}")
+            end = max(end, stop)
+        needed = 8 + header_size + end
+        if size != needed:
+            why = "truncated" if size < needed else "trailing bytes"
+            return f"{path.name} is {size} bytes, its tensors need {needed} ({why})"
+        with safe_open(str(path), "pt") as weights:
+            weights.keys()
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except Exception as exc:  # any failure to read means "not usable"
+        return f"{path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why the Trainer checkpoint ``folder`` cannot be resumed from, or None when it is complete.
+
+    Trainer writes ``trainer_state.json`` last, after the weights, optimizer and scheduler, so a
+    crash while saving leaves it missing; the weights are checked too, since a lost write can
+    leave a truncated file behind an intact state (and resuming would then fail on every retry).
+    """
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return "trainer_state.json has no global_step"
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json does not parse ({str(exc).splitlines()[0]})"
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) \
+            if index.is_file() else ["model.safetensors"]
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        return f"{index.name} does not parse ({exc})"
+    for shard in shards:
+        problem = safetensors_problem(folder / shard)
+        if problem:
+            return problem
+    return None
+
+
+def last_complete_checkpoint(folder: Path, discard: bool) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``folder`` that is complete (:func:`checkpoint_problem`).
+
+    Newer, incomplete ones (a crash while saving) are skipped with a warning and, with
+    ``discard``, deleted: left there, the Trainer would pick them again and every later run
+    would fail the same way. Only one process (rank 0) should discard.
+    """
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), path) for path in folder.iterdir()
+             if (m := _CHECKPOINT.match(path.name)) and path.is_dir()]
+    for _, checkpoint in sorted(found, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return str(checkpoint)
+        logger.warning("skipping incomplete checkpoint %s: %s%s", checkpoint, problem,
+                       "; deleted it" if discard else "")
+        if discard:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def set_trainable(model, head_parameters: Sequence[str], head_only: bool) -> int:
@@ -142,12 +268,17 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
     Runs the phases of ``cfg.strategy`` one after the other on the same model. Each evaluates on
     the validation split every epoch and ends on its checkpoint with the best
     ``metric_for_best_model`` (default: the dataset's main metric). Checkpoints go to
-    ``work_dir`` (one folder per phase); a run interrupted there resumes from its last
-    checkpoint when started again with the same inputs, and ``work_dir`` is removed after
-    success unless ``runtime.keep_checkpoints``.
+    ``work_dir`` (one folder per phase); a run interrupted there resumes from its last complete
+    checkpoint when started again with the same inputs (incomplete ones, left by a crash while
+    saving, are deleted), and ``work_dir`` is removed after success unless
+    ``runtime.keep_checkpoints``.
+
+    Raises:
+        NonFiniteLossError: the training loss became NaN or infinite (at the first such step).
+        ConfigError: the data does not fit the config (no validation split, a metric or class
+            weights that do not apply).
     """
     from transformers import TrainerState, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     device, precision = resolve_precision(cfg.precision)
     data = datasets.load_from_disk(tokenized_dir)
@@ -160,6 +291,16 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
     metric_names = task_metrics(metrics, main_metric, len(label_names), regression)
     train_split = _cap(data["train"], cfg.max_train_samples, seed)
     eval_split = _cap(data[validation], cfg.max_eval_samples, seed)
+    class_weights = None
+    if cfg.class_weights == "balanced":
+        if regression:
+            raise ConfigError("train.class_weights=balanced weights the classes of a "
+                              f"classification task; {tokenized_dir} holds regression scores: "
+                              "use none")
+        class_weights = dict(zip(label_names, balanced_class_weights(train_split[LABELS],
+                                                                     len(label_names))))
+        logger.info("class weights (balanced, from %d training examples): %s", len(train_split),
+                    ", ".join(f"{name} {weight:.4g}" for name, weight in class_weights.items()))
 
     set_seed(seed)  # before the new head is initialised
     tokenizer = load_pretrained_tokenizer(pretrained_dir)
@@ -171,16 +312,22 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
         raise ConfigError(f"train.metric_for_best_model={metric} is not among the metrics "
                           f"computed for this data: {', '.join(metric_names)}")
     phases = plan_phases(cfg)
+    phase_dirs = [Path(work_dir) / phase.name if len(phases) > 1 else Path(work_dir)
+                  for phase in phases]
+    # Every rank reads the same folders and reaches the same choice; rank 0 alone deletes.
+    resume_points = [last_complete_checkpoint(folder, discard=is_main_process())
+                     for folder in phase_dirs]
     mlflow_callback = _mlflow_callback() if log_to_mlflow else None
     history: list[dict[str, Any]] = []
     step_offset, epoch_offset = 0, 0.0
-    for index, phase in enumerate(phases):
-        phase_dir = Path(work_dir) / phase.name if len(phases) > 1 else Path(work_dir)
-        if _later_phase_started(phases[index + 1:], work_dir):
+    for index, (phase, phase_dir, resume) in enumerate(zip(phases, phase_dirs, resume_points)):
+        if resume and any(resume_points[index + 1:]):
             # Interrupted in a later phase: this one finished, and the later phase's checkpoint
-            # holds every weight. Only its log is needed.
+            # holds every weight. Only its log is needed: its final state, since its last
+            # checkpoint may be an earlier, best one (save_total_limit=1 keeps no other).
+            final = phase_dir / FINAL_STATE
             state = TrainerState.load_from_json(
-                str(Path(get_last_checkpoint(str(phase_dir))) / "trainer_state.json"))
+                str(final if final.is_file() else Path(resume) / "trainer_state.json"))
             log_history, global_step = state.log_history, state.global_step
             logger.info("phase %s finished before the interruption", phase.name)
         else:
@@ -189,18 +336,23 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
                                str(phase_dir), device, precision, seed, metric, output_dir,
                                functools.partial(trainer_metrics, metrics=metric_names,
                                                  num_labels=len(label_names) or 1),
-                               [*callbacks, *([mlflow_callback] if mlflow_callback else [])])
+                               [*callbacks, *([mlflow_callback] if mlflow_callback else [])],
+                               class_weights=(list(class_weights.values()) if class_weights
+                                              else None),
+                               step_offset=step_offset,
+                               phase_label=phase.name if len(phases) > 1 else None)
             logger.info("phase %s: %s of %s weights train (%s), lr %g, %g epochs, %d examples, "
                         "validate on %s (%d), %s %s, best checkpoint by %s", phase.name,
                         f"{trainable:,}", f"{model.num_parameters():,}",
                         "head only" if phase.head_only else "all", phase.learning_rate,
                         phase.epochs, len(train_split), validation, len(eval_split), device,
                         precision, metric)
-            resume = get_last_checkpoint(str(phase_dir)) if phase_dir.is_dir() else None
             if resume:
                 logger.info("resuming from %s", resume)
             train_output = trainer.train(resume_from_checkpoint=resume)
             log_history, global_step = trainer.state.log_history, trainer.state.global_step
+            if index < len(phases) - 1 and is_main_process():
+                write_json(phase_dir / FINAL_STATE, dataclasses.asdict(trainer.state))
         for entry in log_history:
             shifted = {**entry, "phase": phase.name, "step": entry.get("step", 0) + step_offset}
             if "epoch" in entry:
@@ -231,20 +383,90 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
         device=device,
         precision=precision,
         head_parameters=list(head_parameters),
+        class_weights=class_weights,
     )
 
 
-def _later_phase_started(later: Sequence[Phase], work_dir: str) -> bool:
-    from transformers.trainer_utils import get_last_checkpoint
+@functools.cache
+def _trainer_class():
+    """``Trainer`` with the project's changes, defined on first use (importing transformers
+    takes seconds, which the stage's ``--help`` should not pay)."""
+    import torch
+    from transformers import Trainer
 
-    folders = [Path(work_dir) / phase.name for phase in later]
-    return any(folder.is_dir() and get_last_checkpoint(str(folder)) for folder in folders)
+    class PipelineTrainer(Trainer):
+        """Trainer that stops at the first non-finite training loss, keeps NaN and infinity out
+        of every log, and weights the classes' cross-entropy when given ``class_weights``.
+
+        The loss check overrides ``training_step`` because no callback sees each step's loss:
+        ``on_step_end`` gets none, and ``on_log`` gets an average over ``logging_steps`` in
+        which ``logging_nan_inf_filter`` (on by default) has already replaced a NaN step by
+        the running mean, so a diverged run would go on for hours of NaN steps looking fine.
+        Reading the step's loss costs no extra device sync (Trainer reads it back for that
+        filter every step anyway), and raising there, before the optimizer step, leaves the
+        weights and the checkpoints on disk finite.
+
+        The class weights live in ``compute_loss`` rather than in the models: one place covers
+        the checkpoint's own head (whose loss takes no weights) and the pooled head alike, and
+        the saved model stays a plain classifier with nothing of training in its config. It
+        weights the validation loss too, so ``eval_loss`` measures the objective being trained.
+        Without weights it is Trainer's own loss, untouched.
+        """
+
+        def __init__(self, *args, class_weights: Optional[Sequence[float]] = None,
+                     step_offset: int = 0, phase_label: Optional[str] = None,
+                     rate_key: str = "train.learning_rate", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.class_weights = (None if class_weights is None
+                                  else torch.tensor(class_weights, dtype=torch.float32))
+            if class_weights is not None:
+                self.loss_is_scaled_for_ga = False  # a per-batch mean, as Trainer expects
+            self.step_offset = step_offset
+            self.phase_label = phase_label
+            self.rate_key = rate_key
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                step = self.state.global_step + 1 + self.step_offset
+                phase = f" (phase {self.phase_label})" if self.phase_label else ""
+                raise NonFiniteLossError(
+                    f"training loss is {loss.float().mean().item()} at step {step} of "
+                    f"{self.state.max_steps + self.step_offset}{phase}: training diverged and "
+                    f"stopped there; lower {self.rate_key}, or look for extreme values in the "
+                    "data")
+            return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.class_weights is None or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss = weighted_cross_entropy(logits, inputs["labels"], self.class_weights)
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            # MLflow would store NaN or infinity as a number (and JSON has neither): a value
+            # that is not finite is left out of the history and of every callback, with a
+            # warning naming it.
+            dropped = {k: v for k, v in logs.items()
+                       if isinstance(v, numbers.Real) and not math.isfinite(v)}
+            if dropped:
+                logger.warning("step %d: not logging non-finite %s",
+                               self.state.global_step + self.step_offset,
+                               ", ".join(f"{k}={v}" for k, v in dropped.items()))
+            super().log({k: v for k, v in logs.items() if k not in dropped}, start_time)
+
+    return PipelineTrainer
 
 
 def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, tokenizer,
              train_split, eval_split, work_dir: str, device: str, precision: str, seed: int,
-             metric: str, output_dir: str, compute_metrics, callbacks: list[Any]):
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+             metric: str, output_dir: str, compute_metrics, callbacks: list[Any], *,
+             class_weights: Optional[Sequence[float]] = None, step_offset: int = 0,
+             phase_label: Optional[str] = None):
+    from transformers import DataCollatorWithPadding, TrainingArguments
 
     args = TrainingArguments(
         output_dir=work_dir,
@@ -274,7 +496,7 @@ def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, toke
         report_to=[],
         run_name=Path(output_dir).name,
     )
-    return Trainer(
+    return _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_split,
@@ -285,6 +507,10 @@ def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, toke
                                               else None),
         compute_metrics=compute_metrics,
         callbacks=callbacks,
+        class_weights=class_weights,
+        step_offset=step_offset,
+        phase_label=phase_label,
+        rate_key=phase.rate_key,
     )
 
 
@@ -318,8 +544,9 @@ def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, 
         result = fit(log_to_mlflow=True)
         mlflow.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir), "device": result.device,
                          "precision": result.precision})
+        # MLflow would store NaN or infinity as a number: such a value is left out.
         mlflow.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()
-                            if isinstance(v, (int, float))})
+                            if isinstance(v, (int, float)) and math.isfinite(v)})
         if cfg.tracking.log_model:
             tracking.log_model(model_dir, tracking.input_example(paths.raw_dir))
     return result.eval_metrics

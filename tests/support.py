@@ -21,7 +21,7 @@ def tiny_overrides(corpus: Path, checkpoint: Path) -> list[str]:
         f"dataset.path={corpus}",
         "dataset.format=jsonl",
         "dataset.revision=null",
-        "dataset.metrics=null",  # the task's usual set: accuracy, f1, mcc
+        "dataset.metrics=null",  # the task's usual set: accuracy, f1, macro_f1, mcc
         "dataset.id_column=null",
         "dataset.submission_name=null",
         "model.name=tiny_bert",

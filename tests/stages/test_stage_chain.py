@@ -106,7 +106,7 @@ def test_metrics_predictions_and_confusion_agree(chain):
     metrics = json.loads(Path(cfg.paths.metrics_path).read_text())
     assert metrics["primary_split"] == "test"
     for split in ("validation", "test"):
-        assert set(metrics[split]) == {"accuracy", "f1", "mcc", "examples"}
+        assert set(metrics[split]) == {"accuracy", "f1", "macro_f1", "mcc", "examples"}
     rows = [json.loads(line) for line in
             (Path(cfg.paths.predictions_dir) / "test.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["test"]["examples"] == 16

@@ -1,14 +1,26 @@
-"""Training behaviour the stage relies on: resuming, strategies and heads, device choice."""
+"""Training behaviour the stage relies on: resuming, strategies and heads, device choice,
+stopping on a diverged loss, class weights."""
 
 from __future__ import annotations
 
+import logging
+import math
+import re
+from pathlib import Path
+
 import pytest
+from conftest import sentiment_rows, write_jsonl
 from transformers import TrainerCallback
 
 from pipeline.errors import ConfigError
 from pipeline.preparation import prepare_and_save
 from pipeline.tokenization import tokenize_dataset
-from pipeline.training import resolve_precision, train_model
+from pipeline.training import (
+    NonFiniteLossError,
+    checkpoint_problem,
+    resolve_precision,
+    train_model,
+)
 from support import config_section
 
 
@@ -30,17 +42,17 @@ def tokenized(tmp_path, tiny_corpus, tiny_checkpoint):
 
 
 def _train(tmp_path, tokenized, checkpoint, epochs, keep, counter, head=None,
-           log_to_mlflow=False, strategy="finetune", **settings):
-    cfg = config_section("train", [f"strategy={strategy}"], num_train_epochs=epochs,
-                         per_device_train_batch_size=8, logging_steps=1, learning_rate=1e-3,
-                         **settings)
-    runtime = config_section("runtime", keep_checkpoints=keep)
+           log_to_mlflow=False, strategy="finetune", callbacks=(), runtime=None, **settings):
+    cfg = config_section("train", [f"strategy={strategy}"], **{
+        "num_train_epochs": epochs, "per_device_train_batch_size": 8, "logging_steps": 1,
+        "learning_rate": 1e-3, **settings})
+    runtime = config_section("runtime", keep_checkpoints=keep, **(runtime or {}))
     return train_model(cfg, head or config_section("head"), runtime, seed=0,
                        main_metric="accuracy", metrics=None,
                        pretrained_dir=str(checkpoint), tokenized_dir=str(tokenized),
                        output_dir=str(tmp_path / f"model{epochs}"),
                        history_path=str(tmp_path / "history.json"),
-                       work_dir=str(tmp_path / "work"), callbacks=[counter],
+                       work_dir=str(tmp_path / "work"), callbacks=[counter, *callbacks],
                        log_to_mlflow=log_to_mlflow)
 
 
@@ -190,3 +202,218 @@ def test_pooled_head_trains_saves_and_loads_like_any_model(tmp_path, tokenized, 
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (4, 2)
+
+
+def test_a_diverging_loss_stops_training_at_its_first_non_finite_step(tmp_path, tokenized,
+                                                                      tiny_checkpoint):
+    counter = CountSteps()
+    # Adam moves every weight by about the learning rate: 1e30 overflows within a step or two.
+    with pytest.raises(NonFiniteLossError, match=r"^training loss is (nan|inf|-inf) at step \d+ "
+                                                 r"of 18: training diverged and stopped there; "
+                                                 r"lower train.learning_rate") as error:
+        _train(tmp_path, tokenized, tiny_checkpoint, epochs=3, keep=True, counter=counter,
+               learning_rate=1e30)
+    step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    assert step == counter.steps + 1, "names the step whose loss was not finite"
+    assert step < 6, "stopped at once, not after the first epoch, let alone all 18 steps"
+    assert "\n" not in str(error.value)
+    assert not list((tmp_path / "work").glob("checkpoint-*")), "no NaN weights were saved"
+
+
+def test_two_phase_names_the_phase_and_its_learning_rate_key(tmp_path, tokenized,
+                                                             tiny_checkpoint):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ of 6 \(phase head\): .*lower "
+                                                 r"train.head_learning_rate"):
+        _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=False, counter=CountSteps(),
+               strategy="two_phase", head_epochs=1, head_learning_rate=1e30)
+
+
+class InfiniteGradient(TrainerCallback):
+    """Makes the classifier's gradient infinite: the first step's loss is still finite but its
+    gradient norm is not; the weights it updates become NaN, so the second step's loss is."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.classifier.weight.register_hook(lambda grad: grad * math.inf)
+
+
+def test_non_finite_values_never_reach_mlflow(tmp_path, tokenized, tiny_checkpoint):
+    import mlflow
+
+    with mlflow.start_run() as run, pytest.raises(NonFiniteLossError, match="at step 2 "):
+        _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=False, counter=CountSteps(),
+               callbacks=[InfiniteGradient()], log_to_mlflow=True)
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
+    assert client.get_metric_history(run.info.run_id, "grad_norm") == [], \
+        "the infinite gradient norm of step 1 is left out"
+    for name, value in client.get_run(run.info.run_id).data.metrics.items():
+        assert math.isfinite(value) and abs(value) < 1e300, name
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "delete_trainer_state"])
+def test_resume_skips_a_checkpoint_a_crash_left_incomplete(tmp_path, tokenized, tiny_checkpoint,
+                                                           damage, caplog):
+    _train(tmp_path, tokenized, tiny_checkpoint, epochs=2, keep=True, counter=CountSteps())
+    newest = tmp_path / "work" / "checkpoint-12"
+    if damage == "truncate_weights":  # the process died while writing the weights
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    else:  # ... or before Trainer wrote trainer_state.json, its last file
+        (newest / "trainer_state.json").unlink()
+    second = CountSteps()
+    with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+        _train(tmp_path, tokenized, tiny_checkpoint, epochs=2, keep=True, counter=second)
+    assert second.steps == 6, "resumed from checkpoint-6: only the second epoch trains again"
+    assert f"skipping incomplete checkpoint {newest}: " in caplog.text
+    assert ("(truncated)" if damage == "truncate_weights" else "trainer_state.json is missing") \
+        in caplog.text
+    assert checkpoint_problem(newest) is None, "the broken one was deleted, then saved anew"
+    assert (tmp_path / "model2" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("phase", ["head", "full"])
+def test_two_phase_resume_skips_an_incomplete_checkpoint_in_either_phase(
+        tmp_path, tokenized, tiny_checkpoint, phase):
+    _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=True, counter=CountSteps(),
+           strategy="two_phase", head_epochs=2)
+    work = tmp_path / "work"
+    if phase == "head":  # died saving phase 1's last checkpoint, before phase 2 began
+        import shutil
+
+        shutil.rmtree(work / "full")
+        broken, expected_steps = work / "head" / "checkpoint-12", 12
+    else:  # died saving phase 2's first checkpoint
+        broken, expected_steps = work / "full" / "checkpoint-6", 6
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    second = CountSteps()
+    result = _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=False, counter=second,
+                    strategy="two_phase", head_epochs=2)
+    assert second.steps == expected_steps
+    assert {entry["phase"] for entry in result.history} == {"head", "full"}
+    assert max(entry["step"] for entry in result.history) == 18
+
+
+class BestAtFirstEpoch(TrainerCallback):
+    """Makes epoch 1 the best evaluation, so the best checkpoint is never the latest."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_accuracy"] = 1.0 if state.global_step == 6 else 0.0
+
+
+class CheckpointsAtSave(TrainerCallback):
+    def __init__(self):
+        self.seen: list[tuple[int, list[str]]] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        names = sorted(p.name for p in Path(args.output_dir).glob("checkpoint-*"))
+        self.seen.append((state.global_step, names))
+
+
+def test_save_total_limit_one_keeps_the_best_and_the_latest_checkpoint(tmp_path, tokenized,
+                                                                       tiny_checkpoint):
+    saves = CheckpointsAtSave()
+    _train(tmp_path, tokenized, tiny_checkpoint, epochs=3, keep=True, counter=CountSteps(),
+           callbacks=[BestAtFirstEpoch(), saves], runtime={"save_total_limit": 1})
+    # While training, the latest (to resume from) and the best (to end on) both stay.
+    assert saves.seen == [(6, ["checkpoint-6"]), (12, ["checkpoint-12", "checkpoint-6"]),
+                          (18, ["checkpoint-18", "checkpoint-6"])]
+    # Once training ended, nothing needs resuming: transformers keeps the best alone.
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["checkpoint-6"]
+
+
+@pytest.fixture
+def skewed(tmp_path, tiny_checkpoint):
+    """Tokenized 95/5 data: 57 negative and 3 positive training rows."""
+    rows = sentiment_rows(120, 7)
+    negative = [r for r in rows if r["label"] == "negative"][:57]
+    positive = [r for r in rows if r["label"] == "positive"][:3]
+    write_jsonl(tmp_path / "corpus" / "train.jsonl", negative + positive)
+    for split in ("validation", "test"):
+        write_jsonl(tmp_path / "corpus" / f"{split}.jsonl",
+                    [{**r, "sentence": f"{split} {r['sentence']}"} for r in rows[:16]])
+    cfg = config_section("dataset", name="skewed", source="local",
+                         path=str(tmp_path / "corpus"), format="jsonl", text_column="sentence")
+    prepare_and_save(cfg, 0, str(tmp_path / "raw"))
+    tokenize_dataset(str(tmp_path / "raw"), str(tiny_checkpoint), str(tmp_path / "tok"), 32)
+    return tmp_path / "tok"
+
+
+def test_balanced_class_weights_weight_the_loss_of_a_skewed_split(tmp_path, skewed,
+                                                                  tiny_checkpoint):
+    import datasets
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from pipeline.inference import load_classifier
+    from pipeline.training import Phase, _trainer, weighted_cross_entropy
+
+    unweighted = _train(tmp_path / "a", skewed, tiny_checkpoint, epochs=1, keep=False,
+                        counter=CountSteps())
+    weighted = _train(tmp_path / "b", skewed, tiny_checkpoint, epochs=1, keep=False,
+                      counter=CountSteps(), class_weights="balanced")
+    assert unweighted.class_weights is None
+    assert weighted.class_weights == pytest.approx({"negative": 60 / (2 * 57),
+                                                    "positive": 60 / (2 * 3)})
+    # One batch of both classes through one model (trained on the skewed data, so it misses
+    # positives): Trainer's loss without weights, and with the balanced weights.
+    model, tokenizer = load_classifier(str(tmp_path / "a" / "model1"))
+    model.eval()
+    train = datasets.load_from_disk(str(skewed))["train"]
+    labels = train["labels"]
+    rows = [labels.index(0), labels.index(1), len(labels) - 1 - labels[::-1].index(0)]
+    batch = dict(DataCollatorWithPadding(tokenizer)([train[i] for i in rows]))
+    losses = {}
+    for name, weights in (("none", None), ("balanced", list(weighted.class_weights.values()))):
+        trainer = _trainer(config_section("train"), config_section("runtime"),
+                           Phase("finetune", False, 1e-3, 1.0), model, tokenizer, train, train,
+                           str(tmp_path / "w"), "cpu", "fp32", 0, "accuracy", str(tmp_path / "m"),
+                           None, [], class_weights=weights)
+        with torch.no_grad():
+            losses[name] = trainer.compute_loss(model, dict(batch)).item()
+    with torch.no_grad():
+        outputs = model(**batch)
+        expected = weighted_cross_entropy(outputs.logits, batch["labels"],
+                                          torch.tensor(list(weighted.class_weights.values())))
+    assert losses["none"] == pytest.approx(outputs.loss.item()), "no weights: the model's loss"
+    assert losses["balanced"] == pytest.approx(expected.item())
+    assert losses["balanced"] != pytest.approx(losses["none"], rel=0.05)
+
+
+def test_balanced_class_weights_are_refused_for_regression(tmp_path, tiny_checkpoint):
+    rows = [{"sentence": f"the film was {i}", "label": i / 10} for i in range(24)]
+    for split in ("train", "validation"):
+        write_jsonl(tmp_path / "corpus" / f"{split}.jsonl",
+                    [{**r, "sentence": f"{split} {r['sentence']}"} for r in rows])
+    cfg = config_section("dataset", name="scores", source="local", path=str(tmp_path / "corpus"),
+                         format="jsonl", text_column="sentence", task="regression",
+                         main_metric="pearson")
+    prepare_and_save(cfg, 0, str(tmp_path / "raw"))
+    tokenize_dataset(str(tmp_path / "raw"), str(tiny_checkpoint), str(tmp_path / "tok"), 32)
+    train = config_section("train", class_weights="balanced")
+    with pytest.raises(ConfigError, match=r"^train.class_weights=balanced weights the classes of "
+                                          r"a classification task; .* holds regression scores"):
+        train_model(train, config_section("head"), config_section("runtime"), seed=0,
+                    main_metric="pearson", metrics=None, pretrained_dir=str(tiny_checkpoint),
+                    tokenized_dir=str(tmp_path / "tok"), output_dir=str(tmp_path / "model"),
+                    history_path=str(tmp_path / "history.json"), work_dir=str(tmp_path / "w"))
+
+
+def test_two_phase_resumed_in_phase_two_keeps_phase_one_whole_with_one_checkpoint_kept(
+        tmp_path, tokenized, tiny_checkpoint):
+    # save_total_limit=1 leaves each phase its best checkpoint alone once it ends, here epoch 1
+    # of 2: phase 1's log and step count must still be those of its end, not of that epoch.
+    settings = dict(strategy="two_phase", head_epochs=2, callbacks=[BestAtFirstEpoch()],
+                    runtime={"save_total_limit": 1})
+    full = _train(tmp_path, tokenized, tiny_checkpoint, epochs=2, keep=True,
+                  counter=CountSteps(), **settings)
+    assert sorted(p.name for p in (tmp_path / "work" / "full").glob("checkpoint-*")) == \
+        ["checkpoint-6"], "phase 2 looks interrupted after its first epoch"
+    second = CountSteps()
+    resumed = _train(tmp_path, tokenized, tiny_checkpoint, epochs=2, keep=False, counter=second,
+                     **settings)
+    assert second.steps == 6
+    steps = [(entry["phase"], entry["step"]) for entry in resumed.history if "loss" in entry]
+    assert steps == [(entry["phase"], entry["step"]) for entry in full.history
+                     if "loss" in entry]
+    assert steps[-1] == ("full", 24)

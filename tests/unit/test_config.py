@@ -7,7 +7,7 @@ import yaml
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from pipeline.config import load_config, to_flat_dict
+from pipeline.config import LR_SCHEDULERS, load_config, to_flat_dict
 from pipeline.errors import ConfigError
 from support import PROJECT, compose_params
 
@@ -119,3 +119,66 @@ def test_a_misspelt_experiment_is_refused_not_replaced_by_the_defaults():
         compose_params(["experiment=mrpc_minlm"])
     assert "Could not find 'experiment/mrpc_minlm'" in str(error.value)
     assert "mrpc_minilm" in str(error.value)
+
+
+# Values the schema's types accept but the Trainer rejects, or takes and trains nonsense with:
+# each is a one-line ConfigError at load time, naming the key.
+
+@pytest.mark.parametrize("key", ["max_train_samples", "max_eval_samples"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_sample_caps_below_one_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"^train.{key}={value} must be at least 1, or null"):
+        validated([f"train.{key}={value}"])
+    assert getattr(validated([f"train.{key}=null"]).train, key) is None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.learning_rate", "learning_rate"),
+    ("train.head_learning_rate", "head_learning_rate"),
+])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1e-5"])
+def test_learning_rates_must_be_finite_and_positive(override, key, value):
+    with pytest.raises(ConfigError,
+                       match=rf"^train.{key}=\S+ must be a finite number above 0$"):
+        validated(["strategy=two_phase", f"{override}={value}"])
+
+
+@pytest.mark.parametrize("key", ["num_train_epochs", "head_epochs"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_epochs_must_be_finite_and_positive(key, value):
+    with pytest.raises(ConfigError, match=rf"^train.{key}=\S+ must be a finite number above 0$"):
+        validated(["strategy=two_phase", f"train.{key}={value}"])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.01"])
+def test_weight_decay_must_be_finite_and_not_negative(value):
+    with pytest.raises(ConfigError,
+                       match=r"^train.weight_decay=\S+ must be a finite number, 0 or more$"):
+        validated([f"train.weight_decay={value}"])
+    assert validated(["train.weight_decay=0"]).train.weight_decay == 0
+
+
+def test_unknown_scheduler_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"^train.lr_scheduler_type='cosine_annealing' is not "
+                                          r"one of linear, cosine, cosine_with_restarts, "):
+        validated(["train.lr_scheduler_type=cosine_annealing"])
+
+
+@pytest.mark.parametrize("scheduler", LR_SCHEDULERS)
+def test_every_listed_scheduler_is_one_transformers_builds_without_kwargs(scheduler):
+    # TrainConfig passes no lr_scheduler_kwargs: a scheduler that needs some (cosine_with_min_lr)
+    # or that the installed transformers lacks must not be in the list.
+    import torch
+    from transformers import get_scheduler
+
+    assert validated([f"train.lr_scheduler_type={scheduler}"]).train.lr_scheduler_type == scheduler
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    assert get_scheduler(scheduler, optimizer, num_warmup_steps=1, num_training_steps=10)
+
+
+def test_class_weights_are_none_or_balanced():
+    assert validated([]).train.class_weights == "none"
+    assert validated(["train.class_weights=balanced"]).train.class_weights == "balanced"
+    with pytest.raises(ConfigError, match=r"^train.class_weights='inverse' is not one of none, "
+                                          r"balanced$"):
+        validated(["train.class_weights=inverse"])

@@ -6,7 +6,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.evaluation import submission_file
 from pipeline.inference import postprocess, softmax
-from pipeline.metrics import compute_metrics, confusion_matrix, task_metrics
+from pipeline.metrics import compute_metrics, confusion_matrix, per_class_scores, task_metrics
 
 
 def test_binary_metrics_match_hand_computed_values():
@@ -24,6 +24,32 @@ def test_multiclass_metrics_use_macro_f1():
     metrics = compute_metrics(labels, predicted, ["accuracy", "macro_f1"], num_labels=3)
     # per-class F1: 1, 2/3, 2/3
     assert metrics == pytest.approx({"accuracy": 0.75, "macro_f1": (1 + 2 / 3 + 2 / 3) / 3})
+
+
+def test_binary_tasks_report_macro_f1_besides_the_positive_class_f1():
+    # On a 95/5 split, predicting the majority class everywhere scores accuracy 0.95 and, with
+    # the majority as the positive class, F1 0.97: only macro-F1 (0.49) shows the failure.
+    assert task_metrics(None, "accuracy", 2, regression=False) == ["accuracy", "f1", "macro_f1",
+                                                                   "mcc"]
+    labels = np.array([1] * 95 + [0] * 5)
+    metrics = compute_metrics(labels, np.ones(100, dtype=int),
+                              task_metrics(None, "accuracy", 2, regression=False), num_labels=2)
+    assert metrics["accuracy"] == pytest.approx(0.95)
+    assert metrics["macro_f1"] == pytest.approx((0 + 2 * 0.95 / 1.95) / 2)
+
+
+def test_per_class_scores_match_scikit_learn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    predicted = np.array([0, 1, 0, 1, 1, 1, 2, 0, 2])
+    scores = per_class_scores(confusion_matrix(labels, predicted, 4))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=[0, 1, 2, 3], zero_division=0)
+    assert [s["examples"] for s in scores] == support.tolist() == [3, 2, 4, 0]
+    assert [s["predicted"] for s in scores] == [3, 4, 2, 0]
+    for name, expected in (("precision", precision), ("recall", recall), ("f1", f1)):
+        assert [s[name] for s in scores] == pytest.approx(expected.tolist()), name
 
 
 def test_regression_metrics_are_pearson_and_spearman():

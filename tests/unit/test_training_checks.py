@@ -1,0 +1,104 @@
+"""Pure parts of training: which checkpoint a run may resume from, and the class weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline.training import (
+    balanced_class_weights,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    weighted_cross_entropy,
+)
+
+
+def _checkpoint(folder: Path, step: int) -> Path:
+    """A checkpoint as Trainer leaves it after a complete save (the files resuming reads)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(2)},
+              str(folder / "model.safetensors"))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step,
+                                                           "log_history": []}))
+    return folder
+
+
+def test_a_complete_checkpoint_has_no_problem(tmp_path):
+    assert checkpoint_problem(_checkpoint(tmp_path / "checkpoint-6", 6)) is None
+
+
+def test_missing_or_broken_trainer_state_is_named(tmp_path):
+    folder = _checkpoint(tmp_path / "checkpoint-6", 6)
+    (folder / "trainer_state.json").write_text('{"global_step": 6, "log_hi')
+    assert checkpoint_problem(folder).startswith("trainer_state.json does not parse")
+    (folder / "trainer_state.json").unlink()
+    assert checkpoint_problem(folder) == "trainer_state.json is missing"
+
+
+def test_truncated_or_missing_weights_are_named(tmp_path):
+    folder = _checkpoint(tmp_path / "checkpoint-6", 6)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    assert checkpoint_problem(folder) == (f"model.safetensors is {len(data) - 100} bytes, its "
+                                          f"tensors need {len(data)} (truncated)")
+    weights.write_bytes(data[:5])
+    assert "too short for its header" in checkpoint_problem(folder)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert checkpoint_problem(folder).startswith("model.safetensors is unreadable")
+    weights.unlink()
+    assert checkpoint_problem(folder) == "model.safetensors is missing"
+
+
+def test_every_shard_of_sharded_weights_is_checked(tmp_path):
+    folder = _checkpoint(tmp_path / "checkpoint-6", 6)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "classifier.weight": "model-00001-of-00002.safetensors",
+        "classifier.bias": "model-00002-of-00002.safetensors"}}))
+    assert checkpoint_problem(folder) == "model-00002-of-00002.safetensors is missing"
+
+
+def test_resume_point_is_the_newest_complete_checkpoint_and_broken_ones_go(tmp_path, caplog):
+    _checkpoint(tmp_path / "checkpoint-6", 6)
+    _checkpoint(tmp_path / "checkpoint-12", 12)
+    (tmp_path / "checkpoint-18").mkdir()  # the crash hit before trainer_state.json was written
+    (tmp_path / "checkpoint-18" / "model.safetensors").write_bytes(b"\x00" * 10)
+    # Numeric order: checkpoint-6 sorts after checkpoint-18 as text.
+    with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+        assert last_complete_checkpoint(tmp_path, discard=False) == str(tmp_path / "checkpoint-12")
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-18" in caplog.text
+    assert "trainer_state.json is missing" in caplog.text
+    assert (tmp_path / "checkpoint-18").is_dir(), "only the process that discards deletes"
+    assert last_complete_checkpoint(tmp_path, discard=True) == str(tmp_path / "checkpoint-12")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-6"]
+    assert last_complete_checkpoint(tmp_path / "absent", discard=True) is None
+
+
+def test_balanced_weights_give_each_class_the_same_total_weight():
+    labels = [0] * 57 + [1] * 3
+    weights = balanced_class_weights(labels, 2)
+    assert weights == pytest.approx([60 / (2 * 57), 60 / (2 * 3)])
+    assert weights[0] * 57 == pytest.approx(weights[1] * 3)
+    # A class absent from the training split is never a target: its weight is never used.
+    assert balanced_class_weights([0, 0, 2], 3) == pytest.approx([0.5, 0.0, 1.0])
+
+
+def test_weighted_cross_entropy_weights_each_example_by_its_gold_class():
+    import torch
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-1.0, 1.5]])
+    labels = torch.tensor([0, 1, 1])
+    weights = torch.tensor([0.5, 3.0])
+    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (per_example * weights[labels]).sum() / weights[labels].sum()
+    assert weighted_cross_entropy(logits, labels, weights).item() == pytest.approx(
+        expected.item())
+    assert weighted_cross_entropy(logits, labels, torch.ones(2)).item() == pytest.approx(
+        per_example.mean().item())
