@@ -260,8 +260,21 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """``http_*``: the bounds of one request to a tracking server (seconds for ``http_timeout``);
+    ``pending_dir``: where runs are recorded while the server is unreachable."""
+
     experiment_name: str
     log_model: bool
+    http_max_retries: int
+    http_backoff_factor: int
+    http_timeout: int
+    pending_dir: str
+
+    def __post_init__(self) -> None:
+        if self.http_max_retries < 0 or self.http_backoff_factor < 0 or self.http_timeout < 1:
+            raise ConfigError(f"tracking.http_max_retries={self.http_max_retries} and "
+                              f"http_backoff_factor={self.http_backoff_factor} must be >= 0, "
+                              f"http_timeout={self.http_timeout} >= 1")
 
 
 @dataclass(frozen=True)

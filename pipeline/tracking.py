@@ -3,21 +3,30 @@
 The train stage opens a run and tags it with the SHA-256 of the model it saved. The evaluate and
 report stages hash the model they read and attach to the run with that tag, so train, evaluate
 and report of one model land in one run without a run id ever being written into a DVC output.
+
+Records stay true under faults: every run names the process that holds it, and the next stage
+ends KILLED the runs a killed process left RUNNING; a tracking server that does not answer never
+stops a stage (its records wait in a local store, see :mod:`pipeline.pending`); values beyond
+MLflow's limits are cut with a marker instead of failing the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from pipeline.artifacts import hash_path
-from pipeline.config import PipelineConfig, to_flat_dict, to_nested_dict, unguarded
+from pipeline.config import PipelineConfig, TrackingConfig, to_flat_dict, to_nested_dict, unguarded
 from pipeline.contracts import (
     TEXT,
     TEXT_PAIR,
@@ -34,6 +43,14 @@ DEFAULT_DB = "mlflow.db"
 # Set by the sweep callback (hydra_plugins/mlflow_sweep) in the launching process; launcher
 # workers inherit it, and each job's train run becomes a child of the sweep's parent run.
 SWEEP_PARENT_ENV = "PIPELINE_SWEEP_PARENT_RUN_ID"
+# The process that holds a run (see process_tags), and what reconciling a killed one leaves.
+HOST_TAG = "process_host"
+PID_TAG = "process_pid"
+PID_START_TAG = "process_start_time"
+CONTINUED_BY_TAG = "continued_by"
+RECONCILED_TAG = "reconciled_runs"
+
+T = TypeVar("T")
 
 
 def project_root(cwd: Optional[Path] = None) -> Path:
@@ -75,12 +92,17 @@ def git_state(cwd: Optional[Path] = None) -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
-def set_experiment(name: str) -> str:
-    """Select (creating if needed) the experiment; artifacts of the default store stay in the
-    project."""
+def is_remote(uri: str) -> bool:
+    """A tracking server reached over HTTP, which can be down while a stage runs."""
+    return uri.startswith(("http://", "https://"))
+
+
+def set_experiment(name: str, uri: Optional[str] = None) -> str:
+    """Select (creating if needed) the experiment in ``uri`` (default :func:`tracking_uri`);
+    artifacts of a SQLite store stay beside its database."""
     import mlflow
 
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     with _database_lock(uri):
         experiment = mlflow.get_experiment_by_name(name)
@@ -129,6 +151,337 @@ def find_model_run(experiment_id: str, model_sha: str) -> Optional[str]:
     return runs[0].info.run_id if runs else None
 
 
+# -- the process behind a run -----------------------------------------------------------------
+
+
+def process_tags() -> dict[str, str]:
+    """Host, pid and the process's start time (which tells a live process from a later one that
+    was given the same pid)."""
+    import psutil
+
+    me = psutil.Process()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(me.pid),
+            PID_START_TAG: repr(me.create_time())}
+
+
+def process_alive(tags: dict[str, str]) -> Optional[bool]:
+    """Whether the process that recorded ``tags`` (:func:`process_tags`) still runs: None when
+    that cannot be told here (no such tags, or another host)."""
+    import psutil
+
+    try:
+        host, pid, started = tags[HOST_TAG], int(tags[PID_TAG]), float(tags[PID_START_TAG])
+    except (KeyError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        process = psutil.Process(pid)
+        # A killed child its parent has not reaped yet is a zombie: dead all the same.
+        return (abs(process.create_time() - started) < 1.0
+                and process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def reconcile_dead_runs(experiment_id: str, run_id: str) -> list[str]:
+    """End KILLED the runs of this experiment left RUNNING by a process of this host that no
+    longer exists (SIGKILL, OOM killer, power loss), tagging each ``continued_by=<run_id>``.
+
+    Runs of live processes (parallel sweep jobs, another stage), of other hosts and runs
+    without process tags (older than them) are left alone: nothing here can tell they ended.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id], max_results=1000,
+        filter_string=(f"attributes.status = 'RUNNING' AND "
+                       f"tags.{HOST_TAG} = '{socket.gethostname()}'"))
+    ended = []
+    for run in running:
+        if run.info.run_id == run_id or process_alive(run.data.tags) is not False:
+            continue
+        client.set_tag(run.info.run_id, CONTINUED_BY_TAG, run_id)
+        client.set_terminated(run.info.run_id, "KILLED", end_time=last_sign_of_life(client, run))
+        ended.append(run.info.run_id)
+    if ended:
+        client.set_tag(run_id, RECONCILED_TAG, ",".join(ended))
+        logger.warning("ended %d MLflow run(s) left RUNNING by killed processes: %s (KILLED, "
+                       "tagged %s=%s)", len(ended), ", ".join(ended), CONTINUED_BY_TAG, run_id)
+    return ended
+
+
+def last_sign_of_life(client, run) -> int:
+    """The run's last metric timestamp (ms), or its start: when its process was last seen."""
+    times = [run.info.start_time or 0]
+    for key in run.data.metrics:
+        times += [m.timestamp for m in client.get_metric_history(run.info.run_id, key)]
+    return max(times)
+
+
+# -- values within MLflow's limits ------------------------------------------------------------
+
+
+def loggable(params: dict[str, Any], limit: Optional[int] = None,
+             where: str = "") -> tuple[dict[str, str], list[str]]:
+    """``params`` as MLflow accepts them: strings, keys within MLflow's key length (cut, with a
+    hash of the whole key to keep them apart), values within ``limit`` (default: MLflow's param
+    limit) cut with a marker that says so and ``where`` the whole value is. Returns them and the
+    keys that were cut."""
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
+
+    limit = limit or MAX_PARAM_VAL_LENGTH
+    out: dict[str, str] = {}
+    cut = []
+    for key, value in params.items():
+        text = "None" if value is None else str(value)
+        name = str(key)
+        if len(name) > MAX_ENTITY_KEY_LENGTH:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+            name = f"{name[:MAX_ENTITY_KEY_LENGTH - 9]}-{digest}"
+        if len(text) > limit:
+            marker = f" ...[truncated: {len(text)} characters{where}]"
+            text = text[:limit - len(marker)] + marker
+        if name != key or text != str(value):
+            cut.append(str(key))
+        out[name] = text
+    return out, cut
+
+
+def loggable_tags(tags: dict[str, Any]) -> dict[str, str]:
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    return loggable(tags, MAX_TAG_VAL_LENGTH)[0]
+
+
+# -- an unreachable server --------------------------------------------------------------------
+
+
+def is_outage(error: BaseException) -> bool:
+    """The tracking server could not be reached (refused, timed out, 5xx after the retries), as
+    opposed to it refusing a request (a bad value, an unknown run), which is a bug to raise."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    return (isinstance(error, MlflowException) and not isinstance(error, RestException)
+            and str(error).startswith("API request to"))
+
+
+def outage_reason(error: BaseException) -> str:
+    """A few words for why the server did not answer (MLflow's messages run to 500
+    characters)."""
+    import re
+
+    text = str(error)
+    for needle, reason in (("Connection refused", "connection refused"),
+                           ("timed out", "timed out"),
+                           ("Name or service not known", "unknown host"),
+                           ("Temporary failure in name resolution", "unknown host"),
+                           ("Connection reset", "connection reset"),
+                           ("RemoteDisconnected", "connection closed")):
+        if needle in text:
+            return reason
+    status = re.search(r"too many (\d{3}) error responses|error code (\d{3})", text)
+    if status:
+        return f"HTTP {status.group(1) or status.group(2)}"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+def bound_requests(tracking: TrackingConfig, uri: str) -> None:
+    """Bound MLflow's HTTP retries for this process (and its children) by ``tracking.http_*``,
+    unless the environment sets them, and keep urllib3's per-retry warnings about this server
+    quiet: the pipeline reports an outage once."""
+    for variable, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", tracking.http_max_retries),
+                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", tracking.http_backoff_factor),
+                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", tracking.http_timeout)):
+        os.environ.setdefault(variable, str(value))
+    from urllib.parse import urlsplit
+
+    where = urlsplit(uri)
+    port = where.port or (443 if where.scheme == "https" else 80)
+    needle = f"host='{where.hostname}', port={port}"
+    pool_logger = logging.getLogger("urllib3.connectionpool")
+    if not any(getattr(f, "needle", None) == needle for f in pool_logger.filters):
+        pool_logger.addFilter(_QuietRetries(needle))
+
+
+class _QuietRetries(logging.Filter):
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Retrying") and self.needle in message)
+
+
+@dataclass
+class _Link:
+    """Where the open stage run records: the server, or from its first outage on, a run in the
+    pending store (``hf-text-pipeline sync`` replays it into the server)."""
+
+    server_uri: str
+    pending_dir: Path
+    experiment_name: str
+    what: str
+    run_name: str = ""
+    server_run_id: Optional[str] = None
+    pending_run_id: Optional[str] = None
+    outage: Optional[str] = None
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.server_uri)
+
+    def report_outage(self, error: BaseException, when: str) -> None:
+        """The one warning of an outage."""
+        if self.outage is not None:
+            return
+        self.outage = outage_reason(error)
+        logger.warning("MLflow server %s unreachable %s (%s); %s goes on and records into %s",
+                       self.server_uri, when, self.outage, self.what, self.pending_dir)
+
+
+_current: Optional[_Link] = None
+
+
+def _pending_dir(tracking: TrackingConfig) -> Path:
+    folder = Path(tracking.pending_dir)
+    return folder if folder.is_absolute() else project_root() / folder
+
+
+def _connect(cfg: PipelineConfig, what: str) -> tuple[_Link, str]:
+    """The stage's link and experiment: on the server if it answers (first replaying what
+    earlier stages kept in the pending store), else in the pending store."""
+    from pipeline import pending
+
+    link = _Link(tracking_uri(), _pending_dir(cfg.tracking), cfg.tracking.experiment_name, what)
+    if not link.remote:
+        return link, set_experiment(link.experiment_name, link.server_uri)
+    bound_requests(cfg.tracking, link.server_uri)
+    try:
+        experiment_id = set_experiment(link.experiment_name, link.server_uri)
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        return link, _go_offline(link, error, "at the start")
+    pending.sync_quietly(link.pending_dir, link.server_uri)
+    return link, experiment_id
+
+
+def _go_offline(link: _Link, error: BaseException, when: str) -> str:
+    from pipeline import pending
+
+    link.report_outage(error, when)
+    return set_experiment(link.experiment_name, pending.store_uri(link.pending_dir))
+
+
+def _fail_over(link: _Link, error: BaseException) -> None:
+    """Continue the stage's server run in a run of the pending store (tagged with the server
+    run it continues), nested on the fluent run stack so every later ``mlflow.*`` call of the
+    stage, the pipeline's or not, records there without waiting on the server again."""
+    import mlflow
+
+    from pipeline import pending
+
+    experiment_id = _go_offline(link, error, "during the run")
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=link.run_name, nested=True,
+                           tags={pending.CONTINUES_TAG: link.server_run_id or "",
+                                 **process_tags()})
+    link.pending_run_id = run.info.run_id
+
+
+def _guarded(write: Callable[[], T]) -> T:
+    """``write()`` (an ``mlflow.*`` call on the active run); if the server is unreachable,
+    fail over to the pending store and write there instead."""
+    link = _current
+    if link is None or not link.remote or link.pending_run_id or link.outage:
+        return write()
+    try:
+        return write()
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        _fail_over(link, error)
+        return write()
+
+
+def ensure_reachable() -> None:
+    """Ask the server once (bounded by ``tracking.http_*``); fail over if it does not answer,
+    so that the stage's next direct ``mlflow.*`` calls do not meet the outage."""
+    link = _current
+    if link is None or not link.remote or link.pending_run_id or link.outage:
+        return
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(link.server_uri).get_run(link.server_run_id)
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        _fail_over(link, error)
+
+
+def record_params(params: dict[str, Any], where: str = "") -> list[str]:
+    """Log ``params`` cut to MLflow's limits (see :func:`loggable`); MLflow's client splits them
+    into batches it accepts. Returns the keys that were cut."""
+    import mlflow
+
+    values, cut = loggable(params, where=where)
+    if cut:
+        logger.info("MLflow params cut to MLflow's limits: %s", ", ".join(cut))
+    _guarded(lambda: mlflow.log_params(values))
+    return cut
+
+
+def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
+    """``mlflow.log_metrics``, synchronous, surviving an outage (the values keep their time)."""
+    import mlflow
+
+    now = int(time.time() * 1000)
+    _guarded(lambda: mlflow.log_metrics(metrics, step=step, timestamp=now))
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """``mlflow.set_tags``, values cut to MLflow's limit, surviving an outage."""
+    import mlflow
+
+    _guarded(lambda: mlflow.set_tags(loggable_tags(tags)))
+
+
+class _Mlflow:
+    """The ``mlflow`` module as transformers' MLflowCallback calls it, with its writes going
+    through this module: synchronous (MLflow's asynchronous logging fails in a background
+    thread, with an error line per batch, where nothing can keep the values), cut to MLflow's
+    limits instead of dropped, and surviving an outage."""
+
+    def __getattr__(self, name: str) -> Any:
+        import mlflow
+
+        return getattr(mlflow, name)
+
+    def log_params(self, params: dict[str, Any], synchronous: Optional[bool] = None) -> None:
+        record_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None,
+                    synchronous: Optional[bool] = None) -> None:
+        log_metrics(metrics, step)
+
+    def set_tags(self, tags: dict[str, Any], synchronous: Optional[bool] = None) -> None:
+        set_tags(tags)
+
+
+def callback_mlflow() -> Any:
+    """What transformers' MLflowCallback should use as ``mlflow`` (see :class:`_Mlflow`)."""
+    return _Mlflow()
+
+
 class _Terminated(BaseException):
     """SIGTERM (DVC, a scheduler or a user killing the stage) as an exception.
 
@@ -148,17 +501,54 @@ def stage_run(stage: str, cfg: PipelineConfig, *, run_id: Optional[str] = None,
     """Open (or reopen) the MLflow run for ``stage``; it ends FINISHED, FAILED or KILLED.
 
     A new run gets the git state and DVC experiment name as tags, and with ``log_params`` the
-    resolved config as params. An exception ends the run FAILED; Ctrl-C or SIGTERM ends it
+    resolved config as params. Every run is tagged with the process that holds it, and runs of
+    the experiment that killed processes left RUNNING are ended KILLED (see
+    :func:`reconcile_dead_runs`). An exception ends the run FAILED; Ctrl-C or SIGTERM ends it
     KILLED; either way the exception propagates.
-    """
-    import mlflow
 
+    With a tracking server (``MLFLOW_TRACKING_URI=http...``) that does not answer, at the start
+    or later, the stage goes on and its records go to ``tracking.pending_dir`` (one warning);
+    at the end they are sent if the server is back, else one line says what is kept where and
+    how to send it (``hf-text-pipeline sync``; the next stage that reaches the server does it).
+    """
     cfg = unguarded(cfg)  # records hold every value, also those the stage does not read
-    experiment_id = set_experiment(cfg.tracking.experiment_name)
+    link, experiment_id = _connect(cfg, stage)
+    with _open_run(stage, cfg, link, experiment_id, run_id=run_id, parent_run_id=parent_run_id,
+                   run_name=run_name, log_params=log_params) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _open_run(stage: str, cfg: PipelineConfig, link: _Link, experiment_id: str, *,
+              run_id: Optional[str], parent_run_id: Optional[str], run_name: Optional[str],
+              log_params: bool) -> Iterator[Any]:
+    import mlflow
+    from mlflow.entities import RunTag
+
+    global _current
+    if _current is not None:
+        raise RuntimeError(f"stage run {_current.what} is still open")
+    offline = link.outage is not None
+    tags = process_tags()
+    if run_id is not None:
+        # Before the run turns RUNNING again: another process reconciling in between must see
+        # this live process, not the one that held the run before.
+        mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id)
+    else:
+        if offline and parent_run_id:
+            # The parent is on the server; the pending store cannot check it, the sync keeps it.
+            tags["mlflow.parentRunId"], parent_run_id = parent_run_id, None
+        run = mlflow.start_run(experiment_id=experiment_id, parent_run_id=parent_run_id,
+                               run_name=run_name or stage, tags=tags)
+    link.run_name = run.info.run_name
+    if offline:
+        link.pending_run_id = run.info.run_id
+    else:
+        link.server_run_id = run.info.run_id
+    _current = link
     previous = signal.signal(signal.SIGTERM, _raise_terminated) \
         if _in_main_thread() else None
-    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                           run_name=None if run_id else (run_name or stage))
     status = "FINISHED"
     try:
         tags = {"stages": _append_stage(run, stage)}
@@ -168,10 +558,18 @@ def stage_run(stage: str, cfg: PipelineConfig, *, run_id: Optional[str] = None,
             tags["model"] = cfg.model.name
             if os.environ.get("DVC_EXP_NAME"):
                 tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        mlflow.set_tags(tags)
-        if log_params:
-            mlflow.log_params({k: "None" if v is None else v for k, v in to_flat_dict(cfg).items()})
-        logger.info("MLflow run %s (%s) in %s", run.info.run_id, stage, tracking_uri())
+        set_tags(tags)
+        if log_params and record_params(
+                to_flat_dict(cfg), where="; the whole config is the artifact config/params.yaml"):
+            log_config(cfg)
+        if not offline:
+            try:
+                reconcile_dead_runs(experiment_id, run.info.run_id)
+            except Exception as error:
+                if not (link.remote and is_outage(error)):
+                    raise
+                _fail_over(link, error)
+        logger.info("MLflow run %s (%s) in %s", run.info.run_id, stage, mlflow.get_tracking_uri())
         yield run
     except (KeyboardInterrupt, _Terminated):
         status = "KILLED"
@@ -180,9 +578,36 @@ def stage_run(stage: str, cfg: PipelineConfig, *, run_id: Optional[str] = None,
         status = "FAILED"
         raise
     finally:
-        mlflow.end_run(status=status)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _current = None
+        try:
+            _close(link, status)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _close(link: _Link, status: str) -> None:
+    """End the stage's run(s) with ``status``; after an outage, send the pending run if the
+    server is back, else say what it holds and how to send it."""
+    import mlflow
+
+    from pipeline import pending
+
+    if link.pending_run_id is None:
+        try:
+            mlflow.end_run(status)
+            return
+        except Exception as error:
+            if not (link.remote and is_outage(error)):
+                raise
+            _fail_over(link, error)  # only to record the status: the server still says RUNNING
+    mlflow.end_run(status)
+    mlflow.set_tracking_uri(link.server_uri)
+    if mlflow.active_run() is not None:
+        # The server run the pending one continued: off the run stack, and ended if it answers.
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status)
+    pending.settle(link.pending_dir, link.server_uri, link.pending_run_id, link.what)
 
 
 def _in_main_thread() -> bool:
@@ -205,18 +630,24 @@ def run_name(cfg: PipelineConfig) -> str:
 @contextlib.contextmanager
 def model_run(stage: str, cfg: PipelineConfig, model_sha: str) -> Iterator[Any]:
     """Reopen the run that trained the model with ``model_sha``, or start one if none is found
-    (a wiped database, or a model trained with tracking elsewhere)."""
+    (a wiped database, or a model trained with tracking elsewhere). With the server
+    unreachable, the run is looked up in the pending store; one started there is merged into
+    the server's run of the same model when it is sent."""
     cfg = unguarded(cfg)
-    experiment_id = set_experiment(cfg.tracking.experiment_name)
-    run_id = find_model_run(experiment_id, model_sha)
+    link, experiment_id = _connect(cfg, stage)
+    try:
+        run_id = find_model_run(experiment_id, model_sha)
+    except Exception as error:
+        if not (link.remote and link.outage is None and is_outage(error)):
+            raise
+        experiment_id = _go_offline(link, error, "at the start")
+        run_id = find_model_run(experiment_id, model_sha)
     if run_id is None:
         logger.warning("no MLflow run trained model %s; starting a new run", model_sha[:12])
-    with stage_run(stage, cfg, run_id=run_id, run_name=run_name(cfg),
-                   log_params=run_id is None) as run:
+    with _open_run(stage, cfg, link, experiment_id, run_id=run_id, parent_run_id=None,
+                   run_name=run_name(cfg), log_params=run_id is None) as run:
         if run_id is None:
-            import mlflow
-
-            mlflow.set_tag(MODEL_SHA_TAG, model_sha)
+            set_tags({MODEL_SHA_TAG: model_sha})
         yield run
 
 
@@ -227,7 +658,7 @@ def log_metrics_by_split(metrics: dict[str, Any]) -> None:
     flat = {f"{split}_{name}": value
             for split, values in metrics.items() if isinstance(values, dict)
             for name, value in values.items() if isinstance(value, (int, float))}
-    mlflow.log_metrics(flat)
+    _guarded(lambda: mlflow.log_metrics(flat))
 
 
 def lineage_tags(raw_dir: str, pretrained_dir: str, tokenized_dir: str) -> dict[str, str]:
@@ -244,7 +675,7 @@ def log_config(cfg: PipelineConfig) -> None:
     """The whole resolved config as an artifact, loadable as a params.yaml to reproduce the run."""
     import mlflow
 
-    mlflow.log_dict(to_nested_dict(cfg), "config/params.yaml")
+    _guarded(lambda: mlflow.log_dict(to_nested_dict(cfg), "config/params.yaml"))
 
 
 def input_example(raw_dir: str, rows: int = 2) -> list[dict[str, str]]:
@@ -268,11 +699,11 @@ def log_model(model_dir: str, input_example: list[dict[str, str]]) -> None:
     requirements = [f"{name}=={importlib.metadata.version(name)}"
                     for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors",
                                  "numpy", "pandas")]
-    mlflow.pyfunc.log_model(
+    _guarded(lambda: mlflow.pyfunc.log_model(
         name="model",
         python_model=str(package / "serving.py"),
         artifacts={"model": str(Path(model_dir).resolve())},
         code_paths=[str(package)],
         input_example=pd.DataFrame(input_example),
         pip_requirements=requirements,
-    )
+    ))

@@ -243,10 +243,26 @@ def _mlflow_callback():
         Reusing the instance logs the TrainingArguments params once (a second setup would try
         to overwrite them with the next phase's values, which MLflow refuses), and the step and
         epoch offsets keep phase 2's curves after phase 1's instead of on top of them.
+
+        Its writes go through ``pipeline.tracking`` (:func:`tracking.callback_mlflow`): values
+        beyond MLflow's limits (a 2000-class ``id2label``) are cut with a marker instead of
+        dropped with a warning that prints them whole, and a tracking server that stops
+        answering moves the run to the pending store instead of stopping training.
         """
 
         step_offset = 0
         epoch_offset = 0.0
+
+        def __init__(self):
+            super().__init__()
+            self._ml_flow = tracking.callback_mlflow()
+            self._MAX_PARAM_VAL_LENGTH = float("inf")  # tracking cuts them instead
+
+        def on_train_end(self, args, state, control, **kwargs):
+            super().on_train_end(args, state, control, **kwargs)
+            if state.is_world_process_zero:
+                # What follows training logs with mlflow directly: meet an outage here.
+                tracking.ensure_reachable()
 
         def on_log(self, args, state, control, logs, model=None, **kwargs):
             logs = dict(logs)

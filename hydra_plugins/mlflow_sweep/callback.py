@@ -34,7 +34,11 @@ class MlflowSweepCallback(Callback):
     The parent records the search space, the number of jobs, the failed ones, the best child
     and its metric, and a comparison of all children (table and plot). It ends FAILED if any
     job failed. Hydra skips ``on_multirun_end`` when a job failed (the sweeper raises its
-    error), so the parent is also finished at interpreter exit.
+    error), so the parent is also finished at interpreter exit. The parent is tagged with the
+    launching process, so a killed sweep's parent is ended KILLED like any run (see
+    ``pipeline.tracking.reconcile_dead_runs``). With the tracking server unreachable the sweep
+    goes on without a parent (each job keeps its own run until it can be sent, see
+    ``pipeline/pending.py``), and the summary comes from the jobs' ``job.json`` records.
     """
 
     def __init__(self) -> None:
@@ -48,23 +52,46 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
-        from pipeline.tracking import git_state, set_experiment, tracking_uri
+        from pipeline.config import TrackingConfig, load_section
+        from pipeline.tracking import (
+            bound_requests,
+            git_state,
+            is_outage,
+            is_remote,
+            loggable,
+            outage_reason,
+            process_tags,
+            set_experiment,
+            tracking_uri,
+        )
 
-        experiment_id = set_experiment(config.tracking.experiment_name)
         self.tracking_uri = tracking_uri()
+        if is_remote(self.tracking_uri):
+            bound_requests(load_section(config, "tracking", TrackingConfig), self.tracking_uri)
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
         self.main_metric = config.dataset.main_metric
-        client = mlflow.MlflowClient()
         tags = {"sweep": "true", "sweep_dir": str(self.sweep_dir),
                 "sweeper": _target(config.hydra.sweeper),
                 "launcher": _target(config.hydra.launcher),
-                **git_state()}
+                **git_state(), **process_tags()}
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        run = client.create_run(experiment_id, run_name=f"sweep-{config.hydra.job.name}",
-                                tags=tags)
+        try:
+            experiment_id = set_experiment(config.tracking.experiment_name)
+            run = mlflow.MlflowClient().create_run(
+                experiment_id, run_name=f"sweep-{config.hydra.job.name}", tags=tags)
+        except Exception as error:
+            if not (is_remote(self.tracking_uri) and is_outage(error)):
+                raise
+            # The jobs still run and record their own runs (kept locally until sent).
+            logger.warning("MLflow server %s unreachable (%s): the sweep goes on without a "
+                           "parent run", self.tracking_uri, outage_reason(error))
+            self.run_id = None
+            atexit.register(self._finish)
+            return
         self.run_id = run.info.run_id
-        client.log_param(self.run_id, "search_space", search_space(config))
+        values, _ = loggable({"search_space": search_space(config)})
+        mlflow.MlflowClient().log_param(self.run_id, "search_space", values["search_space"])
         os.environ[SWEEP_PARENT_ENV] = self.run_id
         atexit.register(self._finish)
         logger.info("sweep parent MLflow run %s, jobs in %s", self.run_id, self.sweep_dir)
@@ -73,28 +100,51 @@ class MlflowSweepCallback(Callback):
         self._finish()
 
     def _finish(self) -> None:
-        """Record jobs, failures, the best child and the comparison; end the parent run."""
-        if self.run_id is None:
+        """Record jobs, failures, the best child and the comparison; end the parent run. With
+        the server unreachable, the summary comes from the jobs' own records."""
+        if self.sweep_dir is None:
             return
-        run_id, self.run_id = self.run_id, None
+        run_id, self.run_id, sweep_dir, self.sweep_dir = self.run_id, None, self.sweep_dir, None
         atexit.unregister(self._finish)
         os.environ.pop(SWEEP_PARENT_ENV, None)
+        from pipeline.tracking import is_outage, outage_reason
+
+        jobs = read_job_records(sweep_dir)
+        by_num = {j["num"]: j for j in jobs}
+        failed = {j["num"] for j in jobs if j.get("status") != JobStatus.COMPLETED.name}
+        summary = f"sweep: {len(jobs) - len(failed)} of {len(jobs)} jobs finished"
+        if run_id is not None:
+            try:
+                failed, summary = self._record(run_id, jobs, by_num, sweep_dir)
+            except Exception as error:
+                if not is_outage(error):
+                    raise
+                logger.warning("MLflow server %s unreachable (%s): the sweep's summary is not "
+                               "on parent run %s", self.tracking_uri, outage_reason(error),
+                               run_id)
+        print(summary, file=sys.stderr)
+        for num in sorted(failed):
+            record = by_num.get(num, {})
+            print(f"sweep: job {num} failed ({' '.join(record.get('overrides', []))}): "
+                  f"{record.get('error', 'no record')}", file=sys.stderr)
+
+    def _record(self, run_id: str, jobs: list[dict[str, Any]], by_num: dict[int, Any],
+                sweep_dir: Path) -> tuple[set[int], str]:
         import mlflow
 
         from pipeline import comparison
+        from pipeline.tracking import loggable_tags
 
         client = mlflow.MlflowClient(self.tracking_uri)
-        jobs = read_job_records(self.sweep_dir)
         children = child_runs(client, run_id)
         finished = [c for c in children if c.info.status == "FINISHED"]
-        failed = sorted({j["num"] for j in jobs if j.get("status") != JobStatus.COMPLETED.name}
-                        | {int(c.data.tags["sweep_job"]) for c in children
-                           if c.info.status != "FINISHED" and "sweep_job" in c.data.tags})
-        by_num = {j["num"]: j for j in jobs}
+        failed = ({j["num"] for j in jobs if j.get("status") != JobStatus.COMPLETED.name}
+                  | {int(c.data.tags["sweep_job"]) for c in children
+                     if c.info.status != "FINISHED" and "sweep_job" in c.data.tags})
         client.set_tag(run_id, "jobs", str(max(len(jobs), len(children))))
-        client.set_tag(run_id, "failed_jobs", "; ".join(
-            f"{num}: {' '.join(by_num.get(num, {}).get('overrides', []))}" for num in failed)
-            or "none")
+        client.set_tag(run_id, "failed_jobs", loggable_tags({"v": "; ".join(
+            f"{num}: {' '.join(by_num.get(num, {}).get('overrides', []))}"
+            for num in sorted(failed)) or "none"})["v"])
         metric = f"validation_{self.main_metric}"
         scored = [c for c in finished if metric in c.data.metrics]
         if scored:
@@ -105,7 +155,7 @@ class MlflowSweepCallback(Callback):
             client.log_metric(run_id, f"best_{metric}", best.data.metrics[metric])
         if children:
             try:
-                out_dir = self.sweep_dir / COMPARISON_DIR
+                out_dir = sweep_dir / COMPARISON_DIR
                 for path in comparison.write_comparison(children, metric, out_dir):
                     client.log_artifact(run_id, str(path), COMPARISON_DIR)
             except Exception:  # the sweep's outcome matters more than its summary
@@ -114,11 +164,7 @@ class MlflowSweepCallback(Callback):
         summary = (f"sweep: {len(finished)} of {max(len(jobs), len(children))} jobs finished"
                    + (f", best {best.info.run_name} {metric}={best.data.metrics[metric]:.4f}"
                       if scored else "") + f" (MLflow parent run {run_id})")
-        print(summary, file=sys.stderr)
-        for num in failed:
-            record = by_num.get(num, {})
-            print(f"sweep: job {num} failed ({' '.join(record.get('overrides', []))}): "
-                  f"{record.get('error', 'no record')}", file=sys.stderr)
+        return failed, summary
 
     # -- job process (any launcher) ------------------------------------------------------------
 

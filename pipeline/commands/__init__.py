@@ -2,6 +2,7 @@
 
     hf-text-pipeline predict --model models/model "a gripping, funny film"
     hf-text-pipeline compare --parent <sweep parent run id>
+    hf-text-pipeline sync
 
 Each command is a module of this package with its own ``main(argv)``; ``python -m
 pipeline.commands <command> ...`` runs the same without the console script.
@@ -15,6 +16,7 @@ import sys
 COMMANDS = {
     "predict": "classify texts or text pairs with a trained model (folder or MLflow URI)",
     "compare": "compare MLflow runs (a sweep's children, or an experiment's runs) side by side",
+    "sync": "send the MLflow runs kept locally while the tracking server was unreachable",
 }
 PROG = "hf-text-pipeline"
 

@@ -1,0 +1,403 @@
+"""MLflow records that stay true under faults: a killed run, an unreachable tracking server, and
+values beyond MLflow's limits. The server tests run a real ``mlflow server`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline import training
+from pipeline.config import load_config
+from pipeline.pending import SYNCED_FROM_TAG, pending_runs
+from pipeline.tracking import (
+    CONTINUED_BY_TAG,
+    HOST_TAG,
+    MODEL_SHA_TAG,
+    PID_START_TAG,
+    PID_TAG,
+    RECONCILED_TAG,
+    stage_run,
+)
+from support import PROJECT, compose_params, run_stages, subprocess_env, tiny_overrides
+
+PATH_KEYS = ["raw_dir", "pretrained_dir", "tokenized_dir", "model_dir", "history_path",
+             "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
+             "trainer_checkpoints_dir"]
+
+
+def tiny_params(root: Path, corpus: Path, checkpoint: Path, *overrides: str) -> dict:
+    """The tiny config with every path, the pending store included, under ``root``."""
+    defaults = compose_params([])["paths"]
+    return compose_params([*tiny_overrides(corpus, checkpoint),
+                           *(f"paths.{k}={root / defaults[k]}" for k in PATH_KEYS),
+                           f"tracking.pending_dir={root / 'mlruns-pending'}", *overrides])
+
+
+def tiny_config(root: Path, corpus: Path, checkpoint: Path, *overrides: str):
+    return load_config(OmegaConf.create(tiny_params(root, corpus, checkpoint, *overrides)))
+
+
+# -- a killed run -----------------------------------------------------------------------------
+
+HOLDER = """
+import json, sys, time
+from omegaconf import OmegaConf
+from pipeline.config import load_config
+from pipeline.tracking import stage_run
+cfg = load_config(OmegaConf.create(json.loads(sys.argv[1])))
+with stage_run("train", cfg, log_params=True) as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold_a_run(params: dict, env: dict) -> tuple[subprocess.Popen, str]:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, json.dumps(params)], env=env,
+                              cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    line = holder.stdout.readline().strip()
+    assert line, holder.stderr.read()[-3000:] if holder.poll() is not None else "no run id"
+    return holder, line
+
+
+def test_a_killed_run_is_ended_killed_by_the_next_stage_run_and_live_runs_are_left_alone(
+        tmp_path, tiny_corpus, tiny_checkpoint):
+    """A SIGKILLed process leaves its run RUNNING; the next stage run of the experiment ends it
+    KILLED, tagged continued_by=<the new run>, and lists it in its own reconciled_runs tag. A
+    run whose process still runs (a parallel sweep job), a run of another host and a run with
+    no process tags stay RUNNING."""
+    uri = os.environ["MLFLOW_TRACKING_URI"]  # this test's SQLite database (conftest)
+    params = tiny_params(tmp_path, tiny_corpus, tiny_checkpoint)
+    env = subprocess_env(PYTHONPATH=str(PROJECT))
+    victim, victim_id = _hold_a_run(params, env)
+    live, live_id = _hold_a_run(params, env)
+    try:
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=60)
+        client = mlflow.MlflowClient(uri)
+        assert client.get_run(victim_id).info.status == "RUNNING"
+        experiment_id = client.get_run(victim_id).info.experiment_id
+        victim_tags = client.get_run(victim_id).data.tags
+        elsewhere = client.create_run(experiment_id, run_name="elsewhere", tags={
+            HOST_TAG: "another-host", PID_TAG: victim_tags[PID_TAG],
+            PID_START_TAG: victim_tags[PID_START_TAG]}).info.run_id
+        untagged = client.create_run(experiment_id, run_name="older code").info.run_id
+
+        with stage_run("train", load_config(OmegaConf.create(params))) as run:
+            new_id = run.info.run_id
+
+        killed = client.get_run(victim_id)
+        assert killed.info.status == "KILLED"
+        assert killed.data.tags[CONTINUED_BY_TAG] == new_id
+        assert killed.info.end_time is not None
+        assert client.get_run(new_id).data.tags[RECONCILED_TAG] == victim_id
+        assert client.get_run(new_id).info.status == "FINISHED"
+        for run_id in (live_id, elsewhere, untagged):
+            assert client.get_run(run_id).info.status == "RUNNING", run_id
+            assert CONTINUED_BY_TAG not in client.get_run(run_id).data.tags
+    finally:
+        live.terminate()
+        live.communicate(timeout=60)
+    assert client.get_run(live_id).info.status == "KILLED"  # SIGTERM: its own stage_run ends it
+    assert CONTINUED_BY_TAG not in client.get_run(live_id).data.tags
+
+
+# -- values beyond MLflow's limits ------------------------------------------------------------
+
+
+def test_params_beyond_mlflow_limits_are_logged_cut_and_training_records_its_run(
+        tmp_path, tiny_corpus, tiny_checkpoint):
+    """2000 long label names: the dataset.label_names param (and transformers' id2label and
+    label2id) exceed MLflow's 6000-character value limit; the run is still recorded in the
+    default SQLite store, those values cut with a marker, the whole config in
+    config/params.yaml; 250 more params go in batches MLflow accepts, a too-long key is cut."""
+    from pipeline.tracking import record_params
+
+    names = ["negative", "positive"] + [f"a long and descriptive label name {i:04d}"
+                                        for i in range(1998)]
+    cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint, "train.num_train_epochs=1",
+                      "tracking.log_model=false", f"dataset.label_names={json.dumps(names)}")
+    run_stages(cfg, "download", "tokenize", "train")
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run, = client.search_runs([client.get_experiment_by_name("tiny_sentiment").experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["dataset.label_names"].endswith(
+        f" ...[truncated: {len(str(names))} characters; the whole config is the artifact "
+        "config/params.yaml]")
+    assert params["dataset.label_names"].startswith(str(names)[:5000])
+    assert "truncated" in params["id2label"] and len(params["id2label"]) <= 6000
+    assert "learning_rate" in params  # transformers' own params
+    assert len(run.data.metrics) > 3 and "validation_accuracy" in run.data.metrics
+    config = yaml.safe_load(mlflow.artifacts.load_text(
+        f"{run.info.artifact_uri}/config/params.yaml"))
+    assert config["dataset"]["label_names"] == names
+
+    with stage_run("train", cfg) as extra:
+        cut = record_params({**{f"extra.p{i}": i for i in range(250)}, "x" * 300: "long key"})
+    assert cut == ["x" * 300]
+    logged = client.get_run(extra.info.run_id).data.params
+    assert len(logged) == 251 and logged["extra.p249"] == "249"
+
+
+# -- an unreachable tracking server -----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store and proxied artifacts in ``root``)
+    that a test can kill outright and start again on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.root / "server.log", "a") as log:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                 f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
+                 str(self.root / "server-artifacts"), "--host", "127.0.0.1", "--port",
+                 str(self.port), "--workers", "1"],
+                cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=subprocess_env(MLFLOW_TRACKING_URI=None,
+                                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        """Gone at once, like a crashed or unplugged server (its worker processes too)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    root = tmp_path / "server"
+    root.mkdir()
+    running = Server(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", running.uri)
+    # tracking.http_* would set these for the whole pytest process; set here, they are undone.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    yield running
+    running.kill()
+    mlflow.set_tracking_uri(None)
+
+
+def _outage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and "unreachable" in r.getMessage()]
+
+
+def _assert_complete(client, run_id: str, history_path: Path) -> None:
+    """The server run holds every value the training history holds, step for step."""
+    run = client.get_run(run_id)
+    history = json.loads(history_path.read_text())
+    losses = sorted(h["step"] for h in history if "loss" in h)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == losses
+    evals = sorted(h["step"] for h in history if "eval_loss" in h)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "eval_loss")) == evals
+    assert "validation_accuracy" in run.data.metrics
+    assert {"train.learning_rate", "learning_rate"} <= set(run.data.params)
+    assert MODEL_SHA_TAG in run.data.tags and "dataset_sha256" in run.data.tags
+    files = {a.path for a in client.list_artifacts(run_id, "config")}
+    assert files == {"config/params.yaml"}
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    assert [m.name for m in models] == ["model"]
+
+
+def test_server_down_at_the_start_trains_then_the_next_stage_sends_the_records(
+        server, tmp_path, tiny_corpus, tiny_checkpoint, caplog):
+    """No server answers when train starts: training runs and finishes, one warning says the
+    server is unreachable, one line at the end says what is kept in the pending store and how
+    to send it. Once the server is up, the evaluate stage sends the train run to it at its
+    start and continues it there: one run with every loss step, the model and evaluate's
+    metrics, and nothing left pending."""
+    cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint)
+    caplog.set_level(logging.INFO)
+    run_stages(cfg, "download", "tokenize", "train")
+    assert Path(cfg.paths.model_dir, "model.safetensors").is_file()
+    assert len(_outage_lines(caplog)) == 1, _outage_lines(caplog)
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")]
+    kept = [r.getMessage() for r in caplog.records if "hf-text-pipeline sync" in r.getMessage()]
+    assert len(kept) == 1 and "kept in" in kept[0] and "loss x" in kept[0], kept
+    waiting, = pending_runs(Path(cfg.tracking.pending_dir))
+    assert waiting.info.status == "FINISHED" and waiting.data.params
+
+    server.start()
+    run_stages(cfg, "evaluate")
+    client = mlflow.MlflowClient(server.uri)
+    run, = client.search_runs([client.get_experiment_by_name("tiny_sentiment").experiment_id])
+    assert run.data.tags["stages"] == "train,evaluate"
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    _assert_complete(client, run.info.run_id, Path(cfg.paths.history_path))
+    assert not pending_runs(Path(cfg.tracking.pending_dir))
+
+
+class ServerOutage:
+    """A Trainer callback that kills the tracking server after training step ``kill_at`` and
+    starts it again at the end of epoch ``back_after`` (never, if None)."""
+
+    def __init__(self, server: Server, kill_at: int, back_after: int | None) -> None:
+        self.server, self.kill_at, self.back_after = server, kill_at, back_after
+
+    def __getattr__(self, event):
+        return lambda *args, **kwargs: None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.kill_at:
+            self.server.kill()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.back_after is not None and round(state.epoch) == self.back_after:
+            self.server.start()
+
+
+def test_server_dying_mid_training_and_coming_back_loses_nothing(
+        server, tmp_path, tiny_corpus, tiny_checkpoint, caplog, monkeypatch):
+    """The server dies after step 2 of 12 and is back after epoch 1: training goes on and
+    finishes, the outage is one warning (not one per step), the steps logged meanwhile wait in
+    the pending store, and at the end of the stage they are in the same server run: every
+    step's loss, the evaluations, the model, FINISHED; nothing is left pending."""
+    cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint)
+    run_stages(cfg, "download", "tokenize")
+    server.start()
+    monkeypatch.setattr(training, "train_model", functools.partial(
+        training.train_model, callbacks=[ServerOutage(server, kill_at=2, back_after=1)]))
+    caplog.set_level(logging.INFO)
+    run_stages(cfg, "train")
+    assert Path(cfg.paths.model_dir, "model.safetensors").is_file()
+    assert len(_outage_lines(caplog)) == 1, _outage_lines(caplog)
+    assert "during the run (connection refused)" in _outage_lines(caplog)[0]
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")]
+    client = mlflow.MlflowClient(server.uri)
+    run, = client.search_runs([client.get_experiment_by_name("tiny_sentiment").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get(SYNCED_FROM_TAG), "the pending part was not sent"
+    _assert_complete(client, run.info.run_id, Path(cfg.paths.history_path))
+    assert not pending_runs(Path(cfg.tracking.pending_dir))
+
+
+def test_sync_command_lists_exactly_what_waits_and_sends_it(
+        server, tmp_path, tiny_corpus, tiny_checkpoint, capsys):
+    """A stage run kept locally (the server never answered) is listed by `hf-text-pipeline
+    sync --list` with each metric's number of values and each artifact, then sent by `sync`
+    with every value at its step, its artifact and its status."""
+    from pipeline.commands import main as command
+    from pipeline.tracking import log_metrics
+
+    cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint)
+    (tmp_path / "note.txt").write_text("kept")
+    with stage_run("train", cfg, log_params=True) as run:
+        for step in range(1, 6):
+            log_metrics({"loss": 1.0 / step}, step=step)
+        mlflow.log_artifact(str(tmp_path / "note.txt"), artifact_path="notes")
+    folder = cfg.tracking.pending_dir
+    capsys.readouterr()
+    assert command(["sync", "--list", "--pending-dir", folder]) == 0
+    listed = capsys.readouterr().out
+    assert f"{run.info.run_id}  train:" in listed and "loss x5" in listed
+    assert "notes/note.txt" in listed and "1 runs wait" in listed
+
+    target = f"sqlite:///{tmp_path / 'target.db'}"  # any MLflow store; the server is down here
+    assert command(["sync", "--pending-dir", folder, "--tracking-uri", target]) == 0
+    assert "sent 1 runs" in capsys.readouterr().out
+    client = mlflow.MlflowClient(target)
+    sent, = client.search_runs([client.get_experiment_by_name("tiny_sentiment").experiment_id])
+    assert sent.info.run_name == "train" and sent.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(sent.info.run_id, "loss")] \
+        == [(step, 1.0 / step) for step in range(1, 6)]
+    assert sent.data.params["train.learning_rate"] == "0.001"
+    assert sent.info.start_time == run.info.start_time
+    assert [a.path for a in client.list_artifacts(sent.info.run_id, "notes")] == ["notes/note.txt"]
+    assert command(["sync", "--pending-dir", folder, "--tracking-uri", target]) == 0
+    assert "nothing waits" in capsys.readouterr().out
+
+
+def _sweep_config(root: Path, tiny_corpus: Path, tiny_checkpoint: Path, *overrides: str):
+    """What the sweep callback reads of a multirun's config."""
+    params = tiny_params(root, tiny_corpus, tiny_checkpoint)
+    return OmegaConf.create({**params, "hydra": {
+        "sweep": {"dir": str(root / "multirun")}, "job": {"name": "train"},
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+        "launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"},
+        "overrides": {"task": list(overrides)}}})
+
+
+def _job_record(config, num: int, status: str, error: str = "") -> None:
+    folder = Path(config.hydra.sweep.dir) / str(num)
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({
+        "num": num, "overrides": [f"train.learning_rate={num}e-3"], "status": status,
+        **({"error": error} if error else {})}))
+
+
+def test_a_sweep_whose_server_is_down_runs_without_a_parent_and_says_so(
+        server, tmp_path, tiny_corpus, tiny_checkpoint, caplog, capsys):
+    """The sweep callback meets an unreachable server: one warning, no parent run (each job
+    records its own run, kept until sent), and the summary comes from the jobs' records."""
+    from hydra_plugins.mlflow_sweep.callback import MlflowSweepCallback
+
+    config = _sweep_config(tmp_path, tiny_corpus, tiny_checkpoint, "train.learning_rate=1e-3,2e-3")
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    assert callback.run_id is None and "PIPELINE_SWEEP_PARENT_RUN_ID" not in os.environ
+    assert len(_outage_lines(caplog)) == 1
+    _job_record(config, 0, "COMPLETED")
+    _job_record(config, 1, "FAILED", "ValueError: diverged")
+    callback.on_multirun_end(config)
+    err = capsys.readouterr().err
+    assert "sweep: 1 of 2 jobs finished" in err
+    assert "sweep: job 1 failed (train.learning_rate=1e-3): ValueError: diverged" in err
+
+
+def test_a_sweep_parent_names_its_process_and_a_long_search_space_is_cut(
+        tmp_path, tiny_corpus, tiny_checkpoint):
+    """The parent run carries the launching process (a killed sweep's parent is ended KILLED
+    by the next stage like any run) and a search space beyond MLflow's limit is cut."""
+    from hydra_plugins.mlflow_sweep.callback import MlflowSweepCallback
+
+    values = ",".join(f"{i}e-6" for i in range(1500))
+    config = _sweep_config(tmp_path, tiny_corpus, tiny_checkpoint, f"train.learning_rate={values}")
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    try:
+        parent = mlflow.MlflowClient().get_run(callback.run_id)
+        assert parent.info.status == "RUNNING"
+        assert parent.data.tags[PID_TAG] == str(os.getpid())
+        assert parent.data.params["search_space"].endswith(
+            f"...[truncated: {len('train.learning_rate=' + values)} characters]")
+    finally:
+        callback.on_multirun_end(config)
+    assert mlflow.MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
