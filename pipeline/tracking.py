@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -448,6 +449,16 @@ def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
     _guarded(lambda: mlflow.log_metrics(metrics, step=step, timestamp=now))
 
 
+def log_artifact(path: str, artifact_path: Optional[str] = None) -> None:
+    """``mlflow.log_artifact`` (a file) or ``log_artifacts`` (a folder), surviving an outage."""
+    import mlflow
+
+    if Path(path).is_dir():
+        _guarded(lambda: mlflow.log_artifacts(path, artifact_path=artifact_path))
+    else:
+        _guarded(lambda: mlflow.log_artifact(path, artifact_path=artifact_path))
+
+
 def set_tags(tags: dict[str, Any]) -> None:
     """``mlflow.set_tags``, values cut to MLflow's limit, surviving an outage."""
     import mlflow
@@ -652,12 +663,14 @@ def model_run(stage: str, cfg: PipelineConfig, model_sha: str) -> Iterator[Any]:
 
 
 def log_metrics_by_split(metrics: dict[str, Any]) -> None:
-    """``{"test": {"accuracy": .9}}`` -> MLflow metrics ``test_accuracy`` and so on."""
+    """``{"test": {"accuracy": .9}}`` -> MLflow metrics ``test_accuracy`` and so on; a value
+    that is not a finite number (an undefined correlation) is not logged as one."""
     import mlflow
 
     flat = {f"{split}_{name}": value
             for split, values in metrics.items() if isinstance(values, dict)
-            for name, value in values.items() if isinstance(value, (int, float))}
+            for name, value in values.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)}
     _guarded(lambda: mlflow.log_metrics(flat))
 
 

@@ -551,18 +551,16 @@ def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, 
         return fit(log_to_mlflow=False).eval_metrics
     with tracking.stage_run("train", cfg, parent_run_id=os.environ.get(tracking.SWEEP_PARENT_ENV),
                             run_name=tracking.run_name(cfg) + run_name_suffix, log_params=True):
-        import mlflow
-
-        mlflow.set_tags({**tracking.lineage_tags(paths.raw_dir, paths.pretrained_dir,
-                                                 paths.tokenized_dir),
-                         "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
+        tracking.set_tags({**tracking.lineage_tags(paths.raw_dir, paths.pretrained_dir,
+                                                   paths.tokenized_dir),
+                           "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
         tracking.log_config(cfg)
         result = fit(log_to_mlflow=True)
-        mlflow.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir), "device": result.device,
-                         "precision": result.precision})
+        tracking.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir),
+                           "device": result.device, "precision": result.precision})
         # MLflow would store NaN or infinity as a number: such a value is left out.
-        mlflow.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()
-                            if isinstance(v, (int, float)) and math.isfinite(v)})
+        tracking.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()
+                              if isinstance(v, (int, float)) and math.isfinite(v)})
         if cfg.tracking.log_model:
             tracking.log_model(model_dir, tracking.input_example(paths.raw_dir))
     return result.eval_metrics

@@ -15,8 +15,6 @@ def evaluate(cfg: PipelineConfig) -> None:
     paths = cfg.paths
     log_inputs(paths.model_dir, paths.raw_dir, paths.tokenized_dir)
     with tracking.model_run("evaluate", cfg, hash_path(paths.model_dir)):
-        import mlflow
-
         data = cfg.dataset
         metrics = evaluate_model(paths.model_dir, paths.raw_dir, paths.tokenized_dir,
                                  paths.metrics_path, paths.predictions_dir, paths.confusion_path,
@@ -25,8 +23,8 @@ def evaluate(cfg: PipelineConfig) -> None:
                                  submission_name=data.submission_name,
                                  submission_labels=data.submission_labels)
         tracking.log_metrics_by_split(metrics)
-        mlflow.log_artifact(paths.metrics_path)
-        mlflow.log_artifacts(paths.predictions_dir, artifact_path="predictions")
+        tracking.log_artifact(paths.metrics_path)
+        tracking.log_artifact(paths.predictions_dir, artifact_path="predictions")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ def report(cfg: PipelineConfig) -> None:
     paths = cfg.paths
     log_inputs(paths.model_dir, paths.history_path, paths.metrics_path, paths.confusion_path)
     with tracking.model_run("report", cfg, hash_path(paths.model_dir)):
-        import mlflow
-
         for file in write_report(cfg):
-            mlflow.log_artifact(str(file), artifact_path="report")
+            tracking.log_artifact(str(file), artifact_path="report")
 
 
 if __name__ == "__main__":
