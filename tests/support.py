@@ -37,6 +37,11 @@ def tiny_overrides(corpus: Path, checkpoint: Path) -> list[str]:
     ]
 
 
+def paths_under(root: Path) -> list[str]:
+    """Overrides that put every path of conf/ (data, models, checkpoints, ...) under ``root``."""
+    return [f"paths.{key}={root / value}" for key, value in compose_params([])["paths"].items()]
+
+
 def compose_params(overrides: list[str]) -> dict:
     """Compose conf/ exactly as DVC's Hydra integration does, resolved."""
     from hydra import compose, initialize_config_dir

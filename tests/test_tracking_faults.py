@@ -32,18 +32,12 @@ from pipeline.tracking import (
     RECONCILED_TAG,
     stage_run,
 )
-from support import PROJECT, compose_params, run_stages, subprocess_env, tiny_overrides
-
-PATH_KEYS = ["raw_dir", "pretrained_dir", "tokenized_dir", "model_dir", "history_path",
-             "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
-             "trainer_checkpoints_dir"]
+from support import PROJECT, compose_params, paths_under, run_stages, subprocess_env, tiny_overrides
 
 
 def tiny_params(root: Path, corpus: Path, checkpoint: Path, *overrides: str) -> dict:
     """The tiny config with every path, the pending store included, under ``root``."""
-    defaults = compose_params([])["paths"]
-    return compose_params([*tiny_overrides(corpus, checkpoint),
-                           *(f"paths.{k}={root / defaults[k]}" for k in PATH_KEYS),
+    return compose_params([*tiny_overrides(corpus, checkpoint), *paths_under(root),
                            f"tracking.pending_dir={root / 'mlruns-pending'}", *overrides])
 
 

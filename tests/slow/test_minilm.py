@@ -10,18 +10,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.config import load_config
-from support import SHARED_GLUE, compose_params, run_stages
+from support import SHARED_GLUE, compose_params, paths_under, run_stages
 
 pytestmark = pytest.mark.slow
 
-PATHS = ["raw_dir", "pretrained_dir", "tokenized_dir", "model_dir", "history_path",
-         "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
-         "trainer_checkpoints_dir"]
-
-
 def config(root: Path, overrides: list[str]):
-    defaults = compose_params([])["paths"]
-    overrides = overrides + [f"paths.{k}={root / defaults[k]}" for k in PATHS]
+    overrides = overrides + paths_under(root)
     return load_config(OmegaConf.create(compose_params(overrides)))
 
 

@@ -29,15 +29,12 @@ from support import (
     PROJECT,
     assert_same_predictions,
     compose_params,
+    paths_under,
     run,
     run_stages,
     subprocess_env,
     tiny_overrides,
 )
-
-PATH_KEYS = ["raw_dir", "pretrained_dir", "tokenized_dir", "model_dir", "history_path",
-             "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
-             "trainer_checkpoints_dir"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +42,7 @@ def chain(tmp_path_factory, tiny_corpus, tiny_checkpoint):
     """Run download -> tokenize -> train -> evaluate -> report once; share the results."""
     root = tmp_path_factory.mktemp("chain")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    defaults = compose_params([])["paths"]
-    overrides = tiny_overrides(tiny_corpus, tiny_checkpoint)
-    overrides += [f"paths.{k}={root / defaults[k]}" for k in PATH_KEYS]
+    overrides = [*tiny_overrides(tiny_corpus, tiny_checkpoint), *paths_under(root)]
     cfg = load_config(OmegaConf.create(compose_params(overrides)))
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri

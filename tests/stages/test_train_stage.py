@@ -17,17 +17,11 @@ from omegaconf import OmegaConf
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.training import NonFiniteLossError, run_fingerprint
-from support import compose_params, run_stages, tiny_overrides
-
-PATH_KEYS = ["raw_dir", "pretrained_dir", "tokenized_dir", "model_dir", "history_path",
-             "metrics_path", "predictions_dir", "confusion_path", "report_dir", "release_dir",
-             "trainer_checkpoints_dir"]
+from support import compose_params, paths_under, run_stages, tiny_overrides
 
 
 def _config(root: Path, corpus: Path, checkpoint: Path, *overrides: str):
-    defaults = compose_params([])["paths"]
-    composed = compose_params([*tiny_overrides(corpus, checkpoint),
-                               *(f"paths.{k}={root / defaults[k]}" for k in PATH_KEYS),
+    composed = compose_params([*tiny_overrides(corpus, checkpoint), *paths_under(root),
                                *overrides])
     return load_config(OmegaConf.create(composed))
 
