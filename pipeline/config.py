@@ -14,6 +14,7 @@ so under another option they are absent from params.yaml and cannot invalidate a
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
@@ -311,17 +312,9 @@ class PipelineConfig:
     runtime: RuntimeConfig
 
 
-SECTIONS: dict[str, type] = {
-    "paths": PathsConfig,
-    "dataset": DatasetConfig,
-    "model": ModelConfig,
-    "head": HeadConfig,
-    "tokenize": TokenizeConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-    "tracking": TrackingConfig,
-    "runtime": RuntimeConfig,
-}
+# Section name -> its dataclass, in PipelineConfig's order (seed is a plain value).
+SECTIONS: dict[str, type] = {name: kind for name, kind
+                             in typing.get_type_hints(PipelineConfig).items() if name != "seed"}
 # Sections no stage lists in dvc.yaml: they never change an output (paths are deps and outs).
 UNTRACKED_SECTIONS = ("paths", "tracking", "runtime")
 

@@ -123,6 +123,33 @@ def subprocess_env(**overrides: str | None) -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers; fail with the end of ``log`` if ``server`` exits first or
+    ``timeout`` seconds pass."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, f"{url}: the server exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, \
+                f"{url}: no answer in {timeout:g} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
         env: dict | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True,

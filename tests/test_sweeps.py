@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,10 +25,12 @@ from support import (
     PROJECT,
     compose_params,
     dvc_executable,
+    free_port,
     make_project,
     run,
     subprocess_env,
     tiny_overrides,
+    wait_until_serving,
 )
 
 # Four epochs let the tiny model separate the learning rates: 1e-2 learns the task, the
@@ -199,17 +200,11 @@ def test_optuna_search_without_a_search_space_is_a_clear_error(project):
     assert "optuna_search has nothing to search" in done.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(project):
     """`mlflow server` on 127.0.0.1 over the sweep's database; its URL."""
     root, env = project
-    port = _free_port()
+    port = free_port()
     log = (root / "mlflow-server.log").open("w")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
@@ -218,18 +213,7 @@ def mlflow_server(project):
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start:\n"
-                            + (root / "mlflow-server.log").read_text()[-3000:])
-            time.sleep(1)
+        wait_until_serving(f"{url}/health", server, root / "mlflow-server.log")
         yield url
     finally:
         server.terminate()

@@ -8,11 +8,8 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -32,7 +29,16 @@ from pipeline.tracking import (
     RECONCILED_TAG,
     stage_run,
 )
-from support import PROJECT, compose_params, paths_under, run_stages, subprocess_env, tiny_overrides
+from support import (
+    PROJECT,
+    compose_params,
+    free_port,
+    paths_under,
+    run_stages,
+    subprocess_env,
+    tiny_overrides,
+    wait_until_serving,
+)
 
 
 def tiny_params(root: Path, corpus: Path, checkpoint: Path, *overrides: str) -> dict:
@@ -151,18 +157,12 @@ def test_params_beyond_mlflow_limits_are_logged_cut_and_training_records_its_run
 # -- an unreachable tracking server -----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Server:
     """A real ``mlflow server`` on 127.0.0.1 (SQLite store and proxied artifacts in ``root``)
     that a test can kill outright and start again on the same port and store."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -176,15 +176,7 @@ class Server:
                 cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env=subprocess_env(MLFLOW_TRACKING_URI=None,
                                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-                time.sleep(0.5)
+        wait_until_serving(f"{self.uri}/health", self.process, self.root / "server.log")
 
     def kill(self) -> None:
         """Gone at once, like a crashed or unplugged server (its worker processes too)."""

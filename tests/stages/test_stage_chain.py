@@ -7,10 +7,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -29,11 +27,13 @@ from support import (
     PROJECT,
     assert_same_predictions,
     compose_params,
+    free_port,
     paths_under,
     run,
     run_stages,
     subprocess_env,
     tiny_overrides,
+    wait_until_serving,
 )
 
 
@@ -321,16 +321,10 @@ def test_predict_loads_the_mlflow_model_of_the_run(chain, capsys, monkeypatch):
     assert_same_predictions(predicted, written)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_with_the_evaluate_predictions(chain, tmp_path):
     cfg, _, runs, uri = chain
     written = _written(cfg)[:5]
-    port = _free_port()
+    port = free_port()
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
@@ -338,15 +332,8 @@ def test_mlflow_models_serve_answers_with_the_evaluate_predictions(chain, tmp_pa
              "--env-manager", "local"],
             env=subprocess_env(MLFLOW_TRACKING_URI=uri), stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "server did not start in 180 s"
-                    time.sleep(1)
+            wait_until_serving(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log",
+                               timeout=180)
             body = json.dumps({"dataframe_records": [{"text": row["text"]} for row in written]})
             request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                              data=body.encode(),
