@@ -27,6 +27,8 @@ from pipeline.errors import ConfigError
 SOURCES = ("hub", "local", "package")
 LOCAL_FORMATS = ("csv", "tsv", "jsonl", "parquet", "folders")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# How training batches are drawn: rows of similar length together (little padding), or at random.
+SAMPLINGS = ("group_by_length", "random")
 TASKS = ("classification", "regression")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman")
@@ -221,6 +223,7 @@ class TrainConfig:
     lr_scheduler_type: str
     logging_steps: int
     precision: str
+    sampling: str
     metric_for_best_model: Optional[str]
     max_train_samples: Optional[int]
     max_eval_samples: Optional[int]
@@ -231,6 +234,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train", "strategy", self.strategy, STRATEGIES)
         _check_choice("train", "precision", self.precision, PRECISIONS)
+        _check_choice("train", "sampling", self.sampling, SAMPLINGS)
         _check_choice("train", "lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _check_choice("train", "class_weights", self.class_weights, CLASS_WEIGHTS)
         positive = ["learning_rate", "num_train_epochs"] + (

@@ -68,14 +68,35 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tokeniz
     assert (tmp_path / "model2" / "model.safetensors").is_file()
 
 
-def test_precision_follows_the_hardware():
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_follows_the_hardware(monkeypatch, caplog, native):
+    """auto picks bf16 only on a CPU that computes it natively; elsewhere oneDNN would emulate
+    it, slower than fp32. The decision comes from the CPU found, and says why."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU fallback")
-    assert resolve_precision("auto") == ("cpu", "fp32")
-    with pytest.raises(ConfigError, match="train.precision=bf16 needs a CUDA GPU"):
-        resolve_precision("bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    device, precision, why = resolve_precision("auto")
+    assert (device, precision) == ("cpu", "bf16" if native else "fp32")
+    assert ("has native bf16" if native else "no native bf16") in why
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA GPU"):
+        resolve_precision("fp16")
+    with caplog.at_level("WARNING"):
+        assert resolve_precision("bf16")[1] == "bf16"
+    assert ("emulated" in caplog.text) is not native
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_precision_on_a_gpu_prefers_bf16_then_fp16(monkeypatch, bf16):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_precision("auto")[:2] == ("cuda", "bf16" if bf16 else "fp16")
+    if not bf16:
+        with pytest.raises(ConfigError, match="this GPU has no bf16 support"):
+            resolve_precision("bf16")
 
 
 class Snapshots(TrainerCallback):
@@ -417,3 +438,38 @@ def test_two_phase_resumed_in_phase_two_keeps_phase_one_whole_with_one_checkpoin
     assert steps == [(entry["phase"], entry["step"]) for entry in full.history
                      if "loss" in entry]
     assert steps[-1] == ("full", 24)
+
+
+def test_length_grouped_batches_pad_less_and_keep_validation_metrics_true(tmp_path, tokenized,
+                                                                          tiny_checkpoint):
+    """train.sampling=group_by_length batches rows of similar length: the logged padding share
+    drops below random batching's, every training row is still seen once per epoch, and the
+    validation metrics (computed on rows sorted by length) match a plain pass in row order."""
+    import datasets
+    import numpy as np
+    import torch
+
+    from pipeline.inference import load_classifier
+
+    shares, results = {}, {}
+    for sampling in ("random", "group_by_length"):
+        results[sampling] = _train(tmp_path / sampling, tokenized, tiny_checkpoint, epochs=1,
+                                   keep=False, counter=CountSteps(), sampling=sampling,
+                                   # 48 rows: Trainer groups within 4 mega-batches at least
+                                   per_device_train_batch_size=2)
+        end = results[sampling].history[-1]
+        shares[sampling] = end["train_padding_share"]
+        train = datasets.load_from_disk(str(tokenized))["train"]
+        real_tokens = sum(len(ids) for ids in train["input_ids"])
+        assert end["train_tokens_per_second"] * end["train_runtime"] == \
+            pytest.approx(real_tokens, rel=0.02)
+    assert 0 <= shares["group_by_length"] < shares["random"], shares
+
+    model, _ = load_classifier(str(tmp_path / "group_by_length" / "model1"))
+    validation = datasets.load_from_disk(str(tokenized))["validation"]
+    with torch.inference_mode():
+        predicted = [int(model(input_ids=torch.tensor([row["input_ids"]]),
+                               attention_mask=torch.tensor([row["attention_mask"]]))
+                         .logits.argmax()) for row in validation]
+    accuracy = float(np.mean(np.asarray(predicted) == np.asarray(validation["labels"])))
+    assert results["group_by_length"].eval_metrics["accuracy"] == pytest.approx(accuracy)
