@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,11 +131,39 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+# Digests this process has computed, by resolved path, with the listing each was computed from.
+_HASHES: dict[str, tuple[tuple, str]] = {}
+# A file modified this recently may be modified again within its file system's timestamp
+# resolution (up to 2 s) without its mtime changing: its folder's digest is not remembered.
+_RECENT_NS = 2_000_000_000
+
+
+def _listing(root: Path, files: list[Path]) -> tuple:
+    """Each file's name, inode, size, mtime and ctime: any write, replacement (a new inode, as
+    when :func:`atomic_dir` swaps a folder in), addition or removal changes it."""
+    entries = []
+    for file in files:
+        st = file.stat()
+        entries.append((str(file.relative_to(root)), st.st_dev, st.st_ino, st.st_size,
+                        st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(entries)
+
+
 def hash_path(path: str | os.PathLike) -> str:
-    """SHA-256 over a file, or over a folder's relative file names and contents (sorted)."""
+    """SHA-256 over a file, or over a folder's relative file names and contents (sorted).
+
+    A stage hashes the same large folders more than once (the checkpoint and the tokenized data
+    for the resume fingerprint, then for the run's lineage tags), so a digest is remembered for
+    this process and reused while the folder's listing (:func:`_listing`) is unchanged.
+    """
     root = Path(path)
-    digest = hashlib.sha256()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    started = time.time_ns()
+    key, listing = str(root.resolve()), _listing(root, files)
+    known = _HASHES.get(key)
+    if known is not None and known[0] == listing:
+        return known[1]
+    digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(root)).encode() if file != root else b"")
         digest.update(b"\0")
@@ -142,6 +171,8 @@ def hash_path(path: str | os.PathLike) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         digest.update(b"\0")
+    if all(entry[4] < started - _RECENT_NS for entry in listing):
+        _HASHES[key] = (listing, digest.hexdigest())
     return digest.hexdigest()
 
 

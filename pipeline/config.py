@@ -17,7 +17,7 @@ import dataclasses
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -285,17 +285,22 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How stages run, never what they produce: no stage lists these in dvc.yaml, so changing
-    one re-runs nothing. ``num_proc``: tokenize processes; ``eval_batch_size``: batch of every
-    evaluation pass; ``save_total_limit``/``keep_checkpoints``: the Trainer's resumable
-    checkpoints on disk (the best one is always kept while training)."""
+    one re-runs nothing. ``num_proc``: tokenize processes, or ``auto`` to let the split's size
+    and the machine's cores decide (pipeline.tokenization.tokenize_processes);
+    ``eval_batch_size``: batch of every evaluation pass; ``save_total_limit``/
+    ``keep_checkpoints``: the Trainer's resumable checkpoints on disk (the best one is always
+    kept while training)."""
 
-    num_proc: int
+    num_proc: Union[int, str]
     eval_batch_size: int
     save_total_limit: int
     keep_checkpoints: bool
 
     def __post_init__(self) -> None:
-        for key in ("num_proc", "eval_batch_size", "save_total_limit"):
+        if self.num_proc != "auto" and (not isinstance(self.num_proc, int) or self.num_proc < 1):
+            raise ConfigError(f"runtime.num_proc={self.num_proc!r} must be auto or a number of "
+                              "processes, at least 1")
+        for key in ("eval_batch_size", "save_total_limit"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"runtime.{key}={getattr(self, key)} must be at least 1")
 

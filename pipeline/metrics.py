@@ -2,7 +2,9 @@
 evaluate stage reports.
 
 They come from scikit-learn and SciPy: ``evaluate.load`` fetches metric scripts from the Hub at
-run time, which a pipeline that must re-run offline cannot depend on.
+run time, which a pipeline that must re-run offline cannot depend on. Both are imported where a
+metric is computed (~1 s of start-up together): the report stage reads only the confusion-matrix
+helpers, and a classification task never needs SciPy.
 """
 
 from __future__ import annotations
@@ -11,37 +13,54 @@ from collections.abc import Callable, Sequence
 from typing import Optional
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from pipeline.config import REGRESSION_METRICS
 from pipeline.errors import ConfigError
 
 
+def _accuracy(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(labels, predictions))
+
+
 def _f1(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
+    from sklearn.metrics import f1_score
+
     return float(f1_score(labels, predictions, average="binary", zero_division=0))
 
 
 def _macro_f1(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
+    from sklearn.metrics import f1_score
+
     return float(f1_score(labels, predictions, average="macro", labels=list(range(num_labels)),
                           zero_division=0))
 
 
-def _correlation(function):
+def _mcc(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(labels, predictions))
+
+
+def _correlation(name: str):
+    """``scipy.stats.<name>`` (pearsonr, spearmanr) as a metric."""
     def metric(labels: np.ndarray, predictions: np.ndarray, num_labels: int) -> Optional[float]:
+        from scipy import stats
+
         if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
             return None  # undefined for constant input (JSON null, not NaN)
-        return float(function(labels, predictions)[0])
+        return float(getattr(stats, name)(labels, predictions)[0])
     return metric
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], Optional[float]]] = {
-    "accuracy": lambda labels, predictions, n: float(accuracy_score(labels, predictions)),
+    "accuracy": _accuracy,
     "f1": _f1,  # of the positive class (label id 1): GLUE's F1 for MRPC and QQP
     "macro_f1": _macro_f1,
-    "mcc": lambda labels, predictions, n: float(matthews_corrcoef(labels, predictions)),
-    "pearson": _correlation(pearsonr),
-    "spearman": _correlation(spearmanr),
+    "mcc": _mcc,
+    "pearson": _correlation("pearsonr"),
+    "spearman": _correlation("spearmanr"),
 }
 
 

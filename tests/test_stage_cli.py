@@ -72,3 +72,23 @@ def test_commands_are_installed_as_one_console_script():
     assert done.stdout.startswith("usage: hf-text-pipeline predict")
     bad = run([str(script), "reproduce"], PROJECT, check=False, timeout=60)
     assert bad.returncode == 2 and "unknown command 'reproduce'" in bad.stderr
+
+
+def test_stages_import_no_metric_library_before_computing_a_metric():
+    """scikit-learn and SciPy cost ~1 s of every start-up (and of --help): the report stage
+    never uses them, training and evaluation only once predictions exist."""
+    done = run([sys.executable, "-c", "import sys, stages.train, stages.evaluate, stages.report; "
+                "print(sorted(m for m in ('scipy.stats', 'sklearn') if m in sys.modules))"],
+               PROJECT, timeout=120)
+    assert done.stdout.strip() == "[]"
+
+
+def test_startup_bench_reaches_a_stage_first_work_through_its_entrypoint():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("startup", PROJECT / "bench" / "startup.py")
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    command = [sys.executable, "-c", startup._PROBE, "report", *startup.HEAVY["report"]]
+    assert 0 < startup._seconds_to_first_work(command, PROJECT) < 600
+    assert "cores" in startup.cpu_name()

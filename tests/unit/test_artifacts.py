@@ -1,16 +1,20 @@
-"""Atomic outputs: leftovers of killed writers, errors that name the output, one-line errors."""
+"""Atomic outputs: leftovers of killed writers, errors that name the output, one-line errors;
+content hashes that are computed once per process yet follow every change."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 
 import pytest
 from tqdm import tqdm
 
-from pipeline.artifacts import atomic_dir, atomic_file
+from pipeline import artifacts
+from pipeline.artifacts import atomic_dir, atomic_file, hash_path
 from pipeline.errors import CheckpointError, DataValidationError
 from stages.entrypoint import print_error, sweep_stamp
 
@@ -65,3 +69,63 @@ def test_two_sweeps_in_the_same_second_get_distinct_folders():
     assert sweep_stamp(now, pid=101) == "2026-11-26/00-30-01-101"
     assert sweep_stamp(now, pid=101) != sweep_stamp(now, pid=102)
     assert sweep_stamp().endswith(f"-{os.getpid()}")
+
+
+def _aged(folder, files: dict[str, bytes], mtime: float | None = None) -> None:
+    """Write ``files`` under ``folder`` with an mtime in the past, as a stage's inputs have."""
+    past = time.time() - 60 if mtime is None else mtime
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+        os.utime(folder / name, (past, past))
+
+
+def _count_opens(monkeypatch) -> list[str]:
+    opened = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "open", counting_open, raising=False)
+    return opened
+
+
+def test_an_unchanged_folder_is_read_once_per_process(tmp_path, monkeypatch):
+    folder = tmp_path / "tokenized"
+    _aged(folder, {"train/data.arrow": b"x" * 5000, "dataset_dict.json": b"{}"})
+    opened = _count_opens(monkeypatch)
+    first = hash_path(folder)
+    assert hash_path(folder) == hash_path(str(folder)) == first
+    assert sorted(opened) == sorted(str(p) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_changed_file_is_hashed_again(tmp_path, monkeypatch):
+    folder = tmp_path / "pretrained"
+    _aged(folder, {"model.safetensors": b"a" * 100, "config.json": b"{}"})
+    first = hash_path(folder)
+    # Same size, same (restored) mtime: only the inode's ctime tells the change apart.
+    st = (folder / "model.safetensors").stat()
+    (folder / "model.safetensors").write_bytes(b"b" * 100)
+    os.utime(folder / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = hash_path(folder)
+    assert second != first
+    (folder / "model.safetensors").write_bytes(b"c" * 100)  # just written: never remembered
+    third = hash_path(folder)
+    assert third not in (first, second)
+    (folder / "model.safetensors").write_bytes(b"d" * 100)
+    assert hash_path(folder) not in (first, second, third)
+    _aged(folder, {"extra.txt": b"a new file"})
+    assert hash_path(folder) not in (first, second, third)
+
+
+def test_a_folder_replaced_by_atomic_dir_is_hashed_again(tmp_path):
+    target = tmp_path / "tokenized"
+    past = time.time() - 60
+    with atomic_dir(target) as out:
+        _aged(out, {"data.arrow": b"old!"}, mtime=past)
+    first = hash_path(target)
+    with atomic_dir(target) as out:  # same name, size and mtime: a new inode
+        _aged(out, {"data.arrow": b"new!"}, mtime=past)
+    assert hash_path(target) != first
+    assert hash_path(target) == hashlib.sha256(b"data.arrow\0new!\0").hexdigest()

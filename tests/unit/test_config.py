@@ -182,3 +182,15 @@ def test_class_weights_are_none_or_balanced():
     with pytest.raises(ConfigError, match=r"^train.class_weights='inverse' is not one of none, "
                                           r"balanced$"):
         validated(["train.class_weights=inverse"])
+
+
+def test_num_proc_takes_auto_or_a_number_of_processes():
+    assert validated([]).runtime.num_proc == "auto"
+    assert validated(["runtime.num_proc=3"]).runtime.num_proc == 3
+
+
+@pytest.mark.parametrize("value", ["many", "0", "-2", "2.5", "true"])
+def test_a_bad_num_proc_is_one_line_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"runtime.num_proc") as error:
+        validated([f"runtime.num_proc={value}"])
+    assert "\n" not in str(error.value)
