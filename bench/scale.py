@@ -1,7 +1,8 @@
 """How training time grows: SST-2 at 10 / 30 / 100 % of the training rows (64 tokens), and at
 max_length 64 / 128 / 256 (10 % of the rows), one epoch of the `sst2_minilm` preset each.
 
-    python bench/scale.py [--glue ../shared/data/glue] [--fractions 0.1 0.3 1] [--lengths 64 128 256]
+    python bench/scale.py [--glue ../shared/data/glue] [--fractions 0.1 0.3 1]
+                          [--lengths 64 128 256]
 
 Each point is the train stage in a fresh process (bench/speed.py's pipeline arm); it prints the
 training time, the real (non-pad) and padded tokens it processed, and seconds per million real
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import PROJECT, composed, load, machine, run_arm  # noqa: E402
+from speed import PROJECT, composed, load, machine, run_arm
 
 
 def main() -> None:
@@ -77,7 +78,7 @@ def main() -> None:
 
     print(f"\n{'rows':>7}{'max_len':>8}{'seconds':>9}{'real tokens':>13}{'padded':>10}"
           f"{'s per M real tokens':>21}")
-    for fraction, length, r in results:
+    for _, length, r in results:
         print(f"{r['train_rows']:>7}{length:>8}{r['train_runtime']:>9.1f}{r['real_tokens']:>13.0f}"
               f"{r['batch_tokens']:>10.0f}{r['train_runtime'] / r['real_tokens'] * 1e6:>21.1f}")
     tokens = np.array([r["real_tokens"] for _, _, r in results])

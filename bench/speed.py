@@ -124,12 +124,24 @@ def run_arm(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
             "wall": time.perf_counter() - start}
 
 
-def pipeline_train(config_path: Path) -> None:
-    """Inside an arm's process: the train stage on the composed config; prints its figures."""
-    from stages.train import train
-
+def pipeline_train(config_path: Path, tracking: bool = True) -> None:
+    """Inside an arm's process: the train stage on the composed config; prints its figures.
+    Without ``tracking``, the stage's training alone (no MLflow run: for machines without it)."""
     cfg = load(config_path)
-    metrics = train(cfg)
+    if tracking:
+        from stages.train import train
+
+        metrics = train(cfg)
+    else:
+        from pipeline.training import train_model
+
+        paths = cfg.paths
+        metrics = train_model(cfg.train, cfg.head, cfg.runtime, seed=cfg.seed,
+                              main_metric=cfg.dataset.main_metric, metrics=cfg.dataset.metrics,
+                              pretrained_dir=paths.pretrained_dir,
+                              tokenized_dir=paths.tokenized_dir, output_dir=paths.model_dir,
+                              history_path=paths.history_path,
+                              work_dir=paths.trainer_checkpoints_dir).eval_metrics
     history = json.loads(Path(cfg.paths.history_path).read_text())
     end = [entry for entry in history if "train_runtime" in entry]
     runtime = sum(entry["train_runtime"] for entry in end)
@@ -191,7 +203,7 @@ def plain_tokenize(cfg) -> float:
 
 
 def train_rounds(tasks: list[str], configs: dict[str, Path], rounds: int, env: dict[str, str],
-                 work: Path) -> dict[str, dict[str, list[dict]]]:
+                 work: Path, tracking: bool) -> dict[str, dict[str, list[dict]]]:
     results: dict[str, dict[str, list[dict]]] = {t: {"plain": [], "pipeline": []} for t in tasks}
     for round_ in range(rounds):
         for task in tasks:
@@ -203,7 +215,8 @@ def train_rounds(tasks: list[str], configs: dict[str, Path], rounds: int, env: d
                      "--work", str(work / task / "plain")]
             if cfg.train.max_train_samples:
                 plain += ["--max-rows", str(cfg.train.max_train_samples)]
-            ours = [sys.executable, __file__, "--internal-train", str(configs[task])]
+            ours = [sys.executable, __file__, "--internal-train", str(configs[task]),
+                    *([] if tracking else ["--no-tracking"])]
             for arm, cmd in (("plain", plain), ("pipeline", ours)):
                 result = run_arm(cmd, env)
                 results[task][arm].append(result)
@@ -327,7 +340,7 @@ def report(facts, peaks, train, inference, startup, repro, per_token) -> None:
         for stage, seconds in startup.items():
             print(f"  {stage:<10}{seconds:>6.2f} s")
     print("\nno-op dvc repro: " + (", ".join(f"{t:.2f} s" for t in repro) if repro else
-                                   "skipped (this checkout is not up to date: run make repro)"))
+                                   "not measured (this checkout is not up to date, or --quick or --prepared)"))
 
 
 def main() -> None:
@@ -338,30 +351,43 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--quick", action="store_true", help="a smoke run, figures meaningless")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="download and tokenize into --work, then stop")
+    parser.add_argument("--prepared", action="store_true",
+                        help="reuse --work's downloaded and tokenized data (e.g. carried to a GPU "
+                        "machine) instead of preparing it")
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="train without the MLflow run (where MLflow is not installed)")
     parser.add_argument("--internal-train", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.internal_train:
-        return pipeline_train(args.internal_train)
+        return pipeline_train(args.internal_train, tracking=not args.no_tracking)
 
     import shutil
 
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.prepared:
+        shutil.rmtree(args.work, ignore_errors=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{args.work / 'mlflow.db'}",
            "PYTHONPATH": str(PROJECT)}
     os.environ.update(env)
     facts = machine()
     peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
-    configs = {task: prepare(task, args.glue, args.work, args.quick) for task in args.tasks}
-    train = train_rounds(args.tasks, configs, args.rounds, env, args.work)
+    configs = {task: args.work / task / "config.yaml" if args.prepared
+               else prepare(task, args.glue, args.work, args.quick) for task in args.tasks}
+    if args.prepare_only:
+        return None
+    train = train_rounds(args.tasks, configs, args.rounds, env, args.work, not args.no_tracking)
     for task in train:
         for run in train[task]["pipeline"]:
             run["dtype"] = "bfloat16" if _precision(configs[task]) == "bf16" else "float32"
     inference = inference_rounds(configs["sst2"], 1 if args.quick else 3) \
         if "sst2" in configs else None
-    from startup import measure_startup
+    startup = repro = None
+    if not args.prepared:  # figures of this checkout, not of data carried elsewhere
+        from startup import measure_startup
 
-    startup = measure_startup(repeats=1 if args.quick else 3)
-    repro = None if args.quick else noop_repro()
+        startup = measure_startup(repeats=1 if args.quick else 3)
+        repro = None if args.quick else noop_repro()
     report(facts, peaks, train, inference, startup, repro, model_flops_per_token())
     if args.out:
         args.out.write_text(json.dumps({"machine": facts, "matmul_peak_tflops": peaks,
