@@ -258,9 +258,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """``primary_split``: the split whose confusion matrix and headline metrics the report shows."""
+    """``primary_split``: the split whose confusion matrix and headline metrics the report shows.
+    ``quantize``: evaluate with int8 linear layers (dynamic quantization, CPU only) and report
+    what that costs on the primary split against fp32."""
 
     primary_split: str
+    quantize: bool
 
 
 @dataclass(frozen=True)

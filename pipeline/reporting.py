@@ -29,12 +29,36 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _scores(split: dict[str, Any]) -> dict[str, Any]:
+    """A split's metrics without its example count and records (the int8 ``quantization``)."""
+    return {k: v for k, v in split.items() if k != "examples" and not isinstance(v, dict)}
+
+
 def _metrics_table(metrics: dict[str, Any]) -> str:
     splits = [s for s, v in metrics.items() if isinstance(v, dict)]
-    names = [k for k in metrics[splits[0]] if k != "examples"]
-    return _table(["split", "examples", *names],
-                  [[s, metrics[s]["examples"], *(_fmt(metrics[s][n]) for n in names)]
-                   for s in splits])
+    names = list(_scores(metrics[splits[0]]))
+    table = _table(["split", "examples", *names],
+                   [[s, metrics[s]["examples"], *(_fmt(metrics[s][n]) for n in names)]
+                    for s in splits])
+    return table + _quantization_note(metrics)
+
+
+def _quantization_note(metrics: dict[str, Any]) -> str:
+    """One sentence under the metrics when the evaluate stage ran in int8 (eval.quantize): the
+    scores above are the int8 model's, the released weights are fp32."""
+    primary = metrics["primary_split"]
+    record = metrics[primary].get("quantization")
+    if not record:
+        return ""
+    metric = next(k.removesuffix("_fp32") for k in record if k.endswith("_fp32"))
+    change = record[f"{metric}_change"]
+    changed = (f", {record['changed_predictions']} of {metrics[primary]['examples']} labels "
+               "changed" if "changed_predictions" in record else "")
+    return (f"\n\nScored with {record['dtype']} dynamically quantized linear layers "
+            f"(`eval.quantize`, as `hf-text-pipeline predict --quantize` runs them); the released "
+            f"weights are fp32, which score {metric} {_fmt(record[f'{metric}_fp32'])} on "
+            f"**{primary}** (int8 change {'n/a' if change is None else f'{change:+.4f}'}"
+            f"{changed}).")
 
 
 def _per_class_table(matrix, names: list[str]) -> str:
@@ -126,7 +150,7 @@ def write_report(cfg: PipelineConfig) -> list[Path]:
     }
     figure = "scores.png" if regression else "confusion_matrix.png"
     headline = metrics[primary]
-    summary = ", ".join(f"{k} {_fmt(v)}" for k, v in headline.items() if k != "examples")
+    summary = ", ".join(f"{k} {_fmt(v)}" for k, v in _scores(headline).items())
     report = f"""# {cfg.dataset.name} / {cfg.model.name}
 
 Held-out **{primary}** split ({headline['examples']} examples): {summary}.

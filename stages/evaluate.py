@@ -21,8 +21,13 @@ def evaluate(cfg: PipelineConfig) -> None:
                                  cfg.eval.primary_split, cfg.runtime.eval_batch_size,
                                  metrics=data.metrics, main_metric=data.main_metric,
                                  submission_name=data.submission_name,
-                                 submission_labels=data.submission_labels)
+                                 submission_labels=data.submission_labels,
+                                 quantize=cfg.eval.quantize)
         tracking.log_metrics_by_split(metrics)
+        primary = metrics["primary_split"]
+        if "quantization" in metrics[primary]:
+            tracking.log_metrics_by_split({f"{primary}_quantization":
+                                           metrics[primary]["quantization"]})
         tracking.log_artifact(paths.metrics_path)
         tracking.log_artifact(paths.predictions_dir, artifact_path="predictions")
 

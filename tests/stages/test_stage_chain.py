@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -132,6 +133,32 @@ def test_report_and_model_card(chain):
         assert section in card
     assert (release / "model.safetensors").read_bytes() == \
         (Path(cfg.paths.model_dir) / "model.safetensors").read_bytes()
+
+
+def test_int8_evaluation_records_its_cost_and_the_report_says_so(chain, tmp_path):
+    cfg, *_ = chain
+    out = tmp_path / "int8"
+    paths = dataclasses.replace(cfg.paths, metrics_path=str(out / "metrics.json"),
+                                predictions_dir=str(out / "predictions"),
+                                confusion_path=str(out / "confusion.csv"),
+                                report_dir=str(out / "report"), release_dir=str(out / "release"))
+    int8 = dataclasses.replace(cfg, paths=paths, eval=dataclasses.replace(cfg.eval, quantize=True))
+    run_stages(int8, "evaluate", "report")
+    fp32 = json.loads(Path(cfg.paths.metrics_path).read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    record = metrics["test"].pop("quantization")
+    assert record == {"dtype": "int8", "accuracy_fp32": fp32["test"]["accuracy"],
+                      "accuracy_change": pytest.approx(metrics["test"]["accuracy"]
+                                                       - fp32["test"]["accuracy"], abs=1e-6),
+                      "changed_predictions": sum(
+                          a["label"] != b["label"] for a, b in zip(_written(cfg), _written(int8)))}
+    assert set(metrics["test"]) == set(metrics["validation"]) == set(fp32["test"])
+    report = (out / "report" / "report.md").read_text()
+    assert f"which score accuracy {fp32['test']['accuracy']:.4f} on **test**" in report
+    assert "{" not in report.split("## Metrics")[1], "a record rendered as a dict"
+    run = mlflow.MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])[0]
+    assert run.data.metrics["test_quantization_accuracy_change"] == record["accuracy_change"]
 
 
 def test_one_mlflow_run_holds_the_whole_model_history(chain):
