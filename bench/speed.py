@@ -250,7 +250,11 @@ def inference_rounds(config_path: Path, rounds: int) -> dict[str, Any]:
     tokenized = datasets.load_from_disk(cfg.paths.tokenized_dir)["validation"]
     names = split.features[LABEL].names
     reference = transformers.pipeline("text-classification", model=model_dir, top_k=None)
-    ours = {"fp32": Classifier(model_dir), "int8": Classifier(model_dir, quantize=True)}
+    import torch
+
+    ours = {"fp32": Classifier(model_dir)}
+    if not torch.cuda.is_available():  # int8 dynamic quantization is a CPU path
+        ours["int8"] = Classifier(model_dir, quantize=True)
     predictor = Predictor(model_dir, cfg.runtime.eval_batch_size)
     timings: dict[str, list[float]] = {}
     labels: dict[str, list[str]] = {}
@@ -340,7 +344,7 @@ def report(facts, peaks, train, inference, startup, repro, per_token) -> None:
         for stage, seconds in startup.items():
             print(f"  {stage:<10}{seconds:>6.2f} s")
     print("\nno-op dvc repro: " + (", ".join(f"{t:.2f} s" for t in repro) if repro else
-                                   "not measured (this checkout is not up to date, or --quick or --prepared)"))
+                                   "not measured (checkout not up to date, --quick, --prepared)"))
 
 
 def main() -> None:
