@@ -340,9 +340,10 @@ def report(facts, peaks, train, inference, startup, repro, per_token) -> None:
                   f"accuracy {inference['accuracy'][name]:.4f}  labels identical to pipeline: "
                   f"{inference['labels_identical_to_pipeline'][name]}")
     if startup:
-        print("\nstart-up (interpreter start to first work, median of 3):")
-        for stage, seconds in startup.items():
-            print(f"  {stage:<10}{seconds:>6.2f} s")
+        from startup import print_startup
+
+        print()
+        print_startup(startup)
     print("\nno-op dvc repro: " + (", ".join(f"{t:.2f} s" for t in repro) if repro else
                                    "not measured (checkout not up to date, --quick, --prepared)"))
 
