@@ -40,7 +40,8 @@ def main() -> None:
 
     shutil.rmtree(args.work, ignore_errors=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{args.work / 'mlflow.db'}",
-           "PYTHONPATH": str(PROJECT)}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT),
+                                                       os.environ.get("PYTHONPATH")]))}
     os.environ.update(env)
     print(f"machine: {machine()}", flush=True)
     points = [(fraction, 64) for fraction in args.fractions] + \

