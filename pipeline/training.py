@@ -91,11 +91,18 @@ def resolve_precision(requested: str) -> tuple[str, str, str]:
     return device, requested, f"train.precision={requested}"
 
 
-def tf32_available() -> bool:
-    """TensorFloat-32 matrix units: NVIDIA Ampere (compute capability 8) and newer."""
+def hardware_arguments(device: str, precision: str) -> dict[str, Any]:
+    """The TrainingArguments that follow the hardware: autocast precision; on a GPU, TensorFloat-32
+    for the fp32 work autocast leaves (Ampere and newer, compute capability 8), and the next
+    batches collated in worker processes into pinned memory while this one trains."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    cuda = device == "cuda"
+    tf32 = cuda and precision != "fp32" and torch.cuda.get_device_capability()[0] >= 8
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "tf32": tf32,
+            "use_cpu": not cuda,
+            "dataloader_num_workers": min(4, (os.cpu_count() or 1) // 2) if cuda else 0,
+            "dataloader_persistent_workers": cuda, "dataloader_pin_memory": cuda}
 
 
 def token_lengths(split: datasets.Dataset) -> list[int]:
@@ -553,7 +560,6 @@ def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, toke
              phase_label: Optional[str] = None):
     from transformers import DataCollatorWithPadding, TrainingArguments
 
-    cuda = device == "cuda"
     args = TrainingArguments(
         output_dir=work_dir,
         learning_rate=phase.learning_rate,
@@ -571,19 +577,11 @@ def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, toke
         metric_for_best_model=metric,
         greater_is_better=True,
         save_total_limit=runtime.save_total_limit,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        # What fp32 work remains under bf16/fp16 autocast uses TensorFloat-32 on Ampere and newer.
-        tf32=cuda and precision != "fp32" and tf32_available(),
-        use_cpu=not cuda,
         # Rows of similar length batched together pad little (random order within groups).
         train_sampling_strategy=cfg.sampling,
         # One fused kernel per step instead of a loop over the weights (CPU and CUDA alike).
         optim="adamw_torch_fused",
-        # On a GPU, collate the next batches in other processes while this one trains.
-        dataloader_num_workers=min(4, (os.cpu_count() or 1) // 2) if cuda else 0,
-        dataloader_persistent_workers=cuda,
-        dataloader_pin_memory=cuda,
+        **hardware_arguments(device, precision),
         seed=seed,
         # Classification losses here are per-example means that ignore Trainer's token count;
         # with averaging on, Trainer would multiply them by the number of processes under
@@ -599,7 +597,8 @@ def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, toke
         eval_dataset=eval_split,
         processing_class=tokenizer,
         # Multiples of 8 let tensor cores work on GPU; on CPU they only add padding.
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if cuda else None),
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda"
+                                              else None),
         compute_metrics=compute_metrics,
         callbacks=callbacks,
         class_weights=class_weights,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -473,3 +474,23 @@ def test_length_grouped_batches_pad_less_and_keep_validation_metrics_true(tmp_pa
                          .logits.argmax()) for row in validation]
     accuracy = float(np.mean(np.asarray(predicted) == np.asarray(validation["labels"])))
     assert results["group_by_length"].eval_metrics["accuracy"] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("capability, tf32", [((9, 0), True), ((8, 0), True), ((7, 5), False)])
+def test_a_gpu_gets_tf32_on_ampere_and_newer_and_collating_workers(monkeypatch, capability,
+                                                                   tf32):
+    """Only the capability check is mocked (CI has no GPU); the CPU keeps one process, no pinned
+    memory, no TF32."""
+    import torch
+
+    from pipeline.training import hardware_arguments
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    gpu = hardware_arguments("cuda", "bf16")
+    assert gpu["tf32"] is tf32 and gpu["bf16"] and not gpu["use_cpu"]
+    assert gpu["dataloader_pin_memory"] and gpu["dataloader_num_workers"] >= 1 or \
+        (os.cpu_count() or 1) < 2
+    assert hardware_arguments("cuda", "fp32")["tf32"] is False, "fp32 asked for: full fp32"
+    cpu = hardware_arguments("cpu", "bf16")
+    assert cpu["use_cpu"] and cpu["bf16"] and not cpu["tf32"]
+    assert cpu["dataloader_num_workers"] == 0 and not cpu["dataloader_pin_memory"]
