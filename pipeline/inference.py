@@ -105,8 +105,8 @@ def quantize_linear(model):
     ``torch.ao.quantization.quantize_dynamic`` is deprecated in favour of torchao's
     ``quantize_``, but still ships with torch (2.13) and runs fbgemm's int8 kernels. torchao
     would be a new dependency, and its int8 dynamic quantization without ``torch.compile`` was
-    no faster than fp32 on a CPU where this one doubled the texts/s (MiniLM-L6, AMD EPYC): so
-    this one, with its deprecation warnings silenced.
+    no faster than fp32 (MiniLM-L6 on a 2-core AMD EPYC), where this one ran about 3x the fp32
+    texts/s: so this one, with its deprecation warnings silenced.
     """
     import torch
     from torch.ao.quantization import quantize_dynamic
