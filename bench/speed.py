@@ -252,10 +252,16 @@ def inference_rounds(config_path: Path, rounds: int) -> dict[str, Any]:
     reference = transformers.pipeline("text-classification", model=model_dir, top_k=None)
     import torch
 
-    ours = {"fp32": Classifier(model_dir)}
+    ours = {"fp32": Classifier(model_dir, precision="fp32")}
+    auto = Classifier(model_dir)  # the default: bf16 where the hardware has it natively
+    if auto.precision != "fp32":
+        ours[f"auto ({auto.precision})"] = auto
     if not torch.cuda.is_available():  # int8 dynamic quantization is a CPU path
         ours["int8"] = Classifier(model_dir, quantize=True)
-    predictor = Predictor(model_dir, cfg.runtime.eval_batch_size)
+    predictors = {"fp32": Predictor(model_dir, cfg.runtime.eval_batch_size, precision="fp32")}
+    default = Predictor(model_dir, cfg.runtime.eval_batch_size)
+    if default.precision != "fp32":
+        predictors[f"auto ({default.precision})"] = default
     timings: dict[str, list[float]] = {}
     labels: dict[str, list[str]] = {}
 
@@ -265,16 +271,17 @@ def inference_rounds(config_path: Path, rounds: int) -> dict[str, Any]:
         timings.setdefault(name, []).append(len(texts) / (time.perf_counter() - start))
         return out
 
+    rows = [{TEXT: text} for text in texts]
     for _ in range(rounds):
         answers = timed("transformers.pipeline", lambda: reference(texts))
         labels["transformers.pipeline"] = [max(a, key=lambda s: s["score"])["label"]
                                            for a in answers]
-        rows = [{TEXT: text} for text in texts]
         for precision, classifier in ours.items():
-            records = timed(f"predict {precision}", lambda c=classifier, r=rows: list(c.predict(r)))
+            records = timed(f"predict {precision}", lambda c=classifier: list(c.predict(rows)))
             labels[f"predict {precision}"] = [r["label"] for r in records]
-        logits = timed("evaluate stage", lambda: predictor.logits(tokenized))
-        labels["evaluate stage"] = [names[i] for i in logits.argmax(axis=-1)]
+        for precision, predictor in predictors.items():
+            logits = timed(f"evaluate {precision}", lambda p=predictor: p.logits(tokenized))
+            labels[f"evaluate {precision}"] = [names[i] for i in logits.argmax(axis=-1)]
     accuracy = {name: float(np.mean([names.index(x) for x in found] == gold))
                 for name, found in labels.items()}
     base = statistics.median(timings["transformers.pipeline"])

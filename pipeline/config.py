@@ -260,10 +260,18 @@ class TrainConfig:
 class EvalConfig:
     """``primary_split``: the split whose confusion matrix and headline metrics the report shows.
     ``quantize``: evaluate with int8 linear layers (dynamic quantization, CPU only) and report
-    what that costs on the primary split against fp32."""
+    what that costs on the primary split against fp32. ``precision``: ``auto`` (bf16 autocast
+    where the device computes bf16 natively, else fp32), ``bf16`` or ``fp32``."""
 
     primary_split: str
     quantize: bool
+    precision: str
+
+    def __post_init__(self) -> None:
+        _check_choice("eval", "precision", self.precision, ("auto", "bf16", "fp32"))
+        if self.quantize and self.precision == "bf16":
+            raise ConfigError("eval.quantize=true runs the linear layers in int8 and the rest in "
+                              "fp32: set eval.precision to auto or fp32")
 
 
 @dataclass(frozen=True)

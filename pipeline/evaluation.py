@@ -29,6 +29,7 @@ from pipeline.contracts import (
 from pipeline.errors import DataValidationError
 from pipeline.inference import (
     inference_device,
+    inference_precision,
     load_classifier,
     postprocess,
     quantize_linear,
@@ -47,8 +48,10 @@ class Predictor:
     what they cost (``logits(split, fp32=True)``).
     """
 
-    def __init__(self, model_dir: str, batch_size: int, quantize: bool = False):
+    def __init__(self, model_dir: str, batch_size: int, quantize: bool = False,
+                 precision: str = "auto"):
         device = inference_device(quantize=quantize)
+        self.precision = inference_precision(precision, device, quantize)
         model, self.tokenizer = load_classifier(model_dir)
         self.regression = model.config.problem_type == "regression"
         self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -60,14 +63,15 @@ class Predictor:
         inputs = [c for c in self.tokenizer.model_input_names if c in dataset.column_names]
         features = dataset.select_columns(inputs).to_dict()
         return sorted_batch_logits(self.fp32 if fp32 else self.model, self.tokenizer, features,
-                                   self.batch_size)
+                                   self.batch_size, "fp32" if fp32 else self.precision)
 
 
 def evaluate_model(model_dir: str, raw_dir: str, tokenized_dir: str, metrics_path: str,
                    predictions_dir: str, confusion_path: str, primary_split: str,
                    batch_size: int, metrics: Optional[Sequence[str]] = None,
                    main_metric: str = "accuracy", submission_name: Optional[str] = None,
-                   submission_labels: str = "ids", quantize: bool = False) -> dict[str, Any]:
+                   submission_labels: str = "ids", quantize: bool = False,
+                   precision: str = "auto") -> dict[str, Any]:
     """Predict every split except train; write predictions, metrics and a confusion matrix.
 
     Labelled splits get ``metrics`` (null: the task's usual set); unlabelled ones (GLUE's hidden
@@ -77,7 +81,8 @@ def evaluate_model(model_dir: str, raw_dir: str, tokenized_dir: str, metrics_pat
 
     ``quantize``: predict with int8 linear layers (CPU only); the primary split is also scored
     in fp32, and its metrics get a ``quantization`` record of what int8 costs on
-    ``main_metric`` (see :func:`quantization_record`).
+    ``main_metric`` (see :func:`quantization_record`). ``precision``: auto, bf16 or fp32
+    (:func:`~pipeline.inference.inference_precision`).
     """
     import datasets
 
@@ -94,7 +99,8 @@ def evaluate_model(model_dir: str, raw_dir: str, tokenized_dir: str, metrics_pat
     results: dict[str, Any] = {"primary_split": primary}
     regression = is_regression(raw["train"])
     with atomic_dir(predictions_dir) as out:
-        predictor = Predictor(model_dir, batch_size, quantize)
+        predictor = Predictor(model_dir, batch_size, quantize, precision)
+        logger.info("predicting in %s", predictor.precision)
         names = predictor.label_names
         expected = ["score"] if regression else raw["train"].features[LABEL].names
         if names != expected or predictor.regression != regression:

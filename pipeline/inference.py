@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.contracts import TEXT, TEXT_PAIR, check_model_folder
 from pipeline.errors import ConfigError
+from pipeline.hardware import native_bf16
 
 MLFLOW_ARTIFACT = "model"  # the model folder's name inside the logged MLflow model
 
@@ -98,6 +99,33 @@ def inference_device(device: Optional[str] = None, quantize: bool = False) -> st
     return device
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def inference_precision(requested: str, device: str, quantize: bool = False) -> str:
+    """``fp32``, ``bf16`` (autocast) or ``int8`` (``quantize``). ``auto``: bf16 where the device
+    computes it natively (:func:`pipeline.hardware.native_bf16`), fp32 elsewhere; with
+    ``quantize``, int8 linear layers and fp32 for the rest.
+
+    Raises:
+        ConfigError: an unknown precision, or bf16 together with int8 quantization.
+    """
+    if requested not in PRECISIONS:
+        raise ConfigError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if quantize:
+        if requested == "bf16":
+            raise ConfigError("int8 quantization runs the linear layers in int8 and the rest in "
+                              "fp32: use precision auto or fp32 with it, not bf16")
+        return "int8"
+    if requested == "auto":
+        return "bf16" if native_bf16(torch_device_type(device)) else "fp32"
+    return requested
+
+
+def torch_device_type(device: str) -> str:
+    return device.split(":")[0]
+
+
 def quantize_linear(model):
     """A copy of ``model`` whose ``nn.Linear`` layers hold int8 weights and quantize their
     inputs on the fly (dynamic quantization): CPU only; embeddings and layer norms stay fp32.
@@ -118,13 +146,14 @@ def quantize_linear(model):
 
 
 def sorted_batch_logits(model, tokenizer, features: Mapping[str, Sequence[Sequence[int]]],
-                        batch_size: int) -> np.ndarray:
+                        batch_size: int, precision: str = "fp32") -> np.ndarray:
     """Logits of tokenized rows (``features``: each model input's token lists, one per row), in
     the rows' order.
 
     The rows run longest first in batches of ``batch_size``, each padded to its own longest row
     (to a multiple of 8 on a GPU, for its tensor cores), so a batch pads little whatever the
     order of the input; a run in input order pads every batch to its longest row.
+    Under ``precision`` bf16 the model runs in bf16 autocast (:func:`inference_precision`).
     """
     import torch
 
@@ -135,7 +164,8 @@ def sorted_batch_logits(model, tokenizer, features: Mapping[str, Sequence[Sequen
     device = next(model.parameters()).device
     multiple = 8 if device.type == "cuda" else None
     logits = np.zeros((count, model.config.num_labels))
-    with torch.inference_mode():
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
         for start in range(0, count, batch_size):
             rows = order[start:start + batch_size]
             batch = tokenizer.pad({name: [values[i] for i in rows]
@@ -151,8 +181,9 @@ class Classifier:
     (:func:`quantize_linear`, CPU only)."""
 
     def __init__(self, model: str, batch_size: int = 64, device: Optional[str] = None,
-                 quantize: bool = False):
+                 quantize: bool = False, precision: str = "auto"):
         device = inference_device(device, quantize)
+        self.precision = inference_precision(precision, device, quantize)
         self.model_dir = resolve_model_dir(model)
         network, self.tokenizer = load_classifier(str(self.model_dir))
         config = network.config
@@ -164,7 +195,7 @@ class Classifier:
     def logits(self, rows: list[dict[str, str]]) -> np.ndarray:
         """Raw logits for ``{"text": ..., ["text_pair": ...]}`` rows, in the model's label order."""
         return sorted_batch_logits(self.model, self.tokenizer, self._encode(rows),
-                                   self.batch_size)
+                                   self.batch_size, self.precision)
 
     def _encode(self, rows: list[dict[str, str]]) -> dict[str, list[list[int]]]:
         """Token ids of every row; rows with and without a pair may mix (a served model's

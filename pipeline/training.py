@@ -33,6 +33,7 @@ from pipeline.contracts import (
     validation_split_name,
 )
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.hardware import cpu_has_native_bf16
 from pipeline.metrics import task_metrics, trainer_metrics
 from pipeline.modeling import build_model
 
@@ -53,16 +54,6 @@ class TrainResult:
     precision_reason: str
     head_parameters: list[str]
     class_weights: Optional[dict[str, float]]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), where bf16
-    autocast speeds training up; elsewhere oneDNN emulates bf16 and it only slows down."""
-    import torch
-
-    checks = [getattr(torch.cpu, name, None)
-              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def resolve_precision(requested: str) -> tuple[str, str, str]:

@@ -22,7 +22,7 @@ def evaluate(cfg: PipelineConfig) -> None:
                                  metrics=data.metrics, main_metric=data.main_metric,
                                  submission_name=data.submission_name,
                                  submission_labels=data.submission_labels,
-                                 quantize=cfg.eval.quantize)
+                                 quantize=cfg.eval.quantize, precision=cfg.eval.precision)
         tracking.log_metrics_by_split(metrics)
         primary = metrics["primary_split"]
         if "quantization" in metrics[primary]:

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", action="store_true",
                         help="int8 linear layers (dynamic quantization; CPU only): faster, "
                         "slightly less accurate (eval.quantize=true measures how much)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto (default): bf16 autocast where the hardware computes bf16 "
+                        "natively, else fp32; fp32: the full-precision model's exact labels")
     parser.add_argument("--encoding", type=_encoding, default="utf-8",
                         help="of --input and stdin, e.g. cp1252 or latin-1 (default: utf-8; "
                         "a UTF-8 byte-order mark is skipped)")
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise InputError("nothing to classify: give texts, --input FILE, or pipe lines "
                              "to stdin")
-        classifier = Classifier(args.model, batch_size=args.batch_size, quantize=args.quantize)
+        classifier = Classifier(args.model, batch_size=args.batch_size, quantize=args.quantize,
+                                precision=args.precision)
         partial = args.output.with_name(args.output.name + ".tmp") if args.output else None
         with contextlib.ExitStack() as stack:
             output = stack.enter_context(open(partial, "w")) if partial else sys.stdout

@@ -49,7 +49,7 @@ def _record_batch_widths(model) -> list[tuple[int, int]]:
      for i, (text, pair) in enumerate(zip(TEXTS, PAIRS))],
 ], ids=["texts", "pairs", "mixed"])
 def test_batched_logits_equal_each_row_alone_in_input_order(tiny_checkpoint, rows):
-    classifier = Classifier(str(tiny_checkpoint), batch_size=3)
+    classifier = Classifier(str(tiny_checkpoint), batch_size=3, precision="fp32")
     batched = classifier.logits(rows)
     alone = _alone(classifier.model, classifier.tokenizer, rows)
     np.testing.assert_allclose(batched, alone, atol=1e-5)
@@ -68,7 +68,7 @@ def test_batches_hold_rows_of_similar_length_padded_to_their_longest(tiny_checkp
 
 
 def test_evaluate_stage_predictor_equals_each_row_alone(tiny_checkpoint):
-    predictor = Predictor(str(tiny_checkpoint), batch_size=3)
+    predictor = Predictor(str(tiny_checkpoint), batch_size=3, precision="fp32")
     rows = [{TEXT: text, TEXT_PAIR: pair} for text, pair in zip(TEXTS, PAIRS)]
     encoding = predictor.tokenizer(TEXTS, PAIRS, truncation=True)
     split = datasets.Dataset.from_dict({**encoding, "labels": [0, 1] * 4})
@@ -136,3 +136,22 @@ def test_report_shows_the_int8_record_as_a_sentence_not_a_column():
                                       "| validation | 213 | 0.9600 | 0.9500 |"]
     assert table.endswith("the released weights are fp32, which score accuracy 0.9750 on "
                           "**test** (int8 change -0.0047, 3 of 426 labels changed).")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, tiny_checkpoint,
+                                                                 native):
+    """auto runs bf16 autocast where the CPU computes bf16 natively (and its labels stay those of
+    fp32 here), fp32 elsewhere; int8 with bf16 is refused in one line."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    auto = Classifier(str(tiny_checkpoint), batch_size=3)
+    assert auto.precision == ("bf16" if native else "fp32")
+    assert Classifier(str(tiny_checkpoint), quantize=True).precision == "int8"
+    rows = [{TEXT: text} for text in TEXTS]
+    full = Classifier(str(tiny_checkpoint), batch_size=3, precision="fp32").logits(rows)
+    bf16 = Classifier(str(tiny_checkpoint), batch_size=3, precision="bf16").logits(rows)
+    assert not np.array_equal(full, bf16), "bf16 autocast ran"
+    np.testing.assert_allclose(bf16, full, atol=0.05)
+    with pytest.raises(ConfigError, match="use precision auto or fp32 with it, not bf16"):
+        Classifier(str(tiny_checkpoint), quantize=True, precision="bf16")
