@@ -47,22 +47,21 @@ def main() -> None:
     points = [(fraction, 64) for fraction in args.fractions] + \
         [(args.length_fraction, length) for length in args.lengths if length != 64 or
          args.length_fraction not in args.fractions]
-    raw_dir = None
+    shared: dict[str, str] = {}  # one download (snapshot and checkpoint) for every point
     rows_total = None
     results = []
     for fraction, length in points:
         work = args.work / f"len{length}"
         config = composed("sst2", args.glue, work, quick=False)
         config["tokenize"]["max_length"] = length
-        if raw_dir:  # one download for every point
-            config["paths"]["raw_dir"] = raw_dir
+        config["paths"].update(shared)
         path = work / f"rows{fraction:g}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(config), path)
         cfg = load(path)
-        if raw_dir is None:
+        if not shared:
             download(cfg)
-            raw_dir = cfg.paths.raw_dir
+            shared = {"raw_dir": cfg.paths.raw_dir, "pretrained_dir": cfg.paths.pretrained_dir}
         if not Path(cfg.paths.tokenized_dir).is_dir():
             tokenize(cfg)
         if rows_total is None:
@@ -75,7 +74,8 @@ def main() -> None:
                           "--internal-train", str(path)], env)
         results.append((fraction, length, result))
         print(f"{fraction:>5.0%} rows, max_length {length}: {result['train_runtime']:.0f} s, "
-              f"{result['real_tokens'] / 1e6:.2f} M real tokens", flush=True)
+              f"{result['real_tokens'] / 1e6:.2f} M real tokens, validation accuracy "
+              f"{result['accuracy']:.4f}", flush=True)
 
     print(f"\n{'rows':>7}{'max_len':>8}{'seconds':>9}{'real tokens':>13}{'padded':>10}"
           f"{'s per M real tokens':>21}")

@@ -127,8 +127,9 @@ def torch_device_type(device: str) -> str:
 
 
 def quantize_linear(model):
-    """A copy of ``model`` whose ``nn.Linear`` layers hold int8 weights and quantize their
-    inputs on the fly (dynamic quantization): CPU only; embeddings and layer norms stay fp32.
+    """A copy of ``model`` whose ``nn.Linear`` layers hold int8 weights (scaled per output
+    channel) and quantize their inputs on the fly (dynamic quantization): CPU only; embeddings
+    and layer norms stay fp32.
 
     ``torch.ao.quantization.quantize_dynamic`` is deprecated in favour of torchao's
     ``quantize_``, but still ships with torch (2.13) and runs fbgemm's int8 kernels. torchao
@@ -141,8 +142,11 @@ def quantize_linear(model):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_(tensor|channel)")
+        # One int8 scale per output channel, not per matrix: on SST-2 (MiniLM-L6) per-tensor
+        # scales cost 1.0 accuracy point against fp32, per-channel ones none.
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        return quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
 
 
 def sorted_batch_logits(model, tokenizer, features: Mapping[str, Sequence[Sequence[int]]],
