@@ -89,13 +89,14 @@ def matmul_peak(dtype_name: str) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def composed(task: str, glue: Path, work: Path, quick: bool) -> dict:
+def composed(task: str, glue: Path, work: Path, quick: bool, seed: int = 42) -> dict:
     """The config a user gets from the task's preset on the local GLUE copy, paths under work."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     spec = TASKS[task]
-    overrides = [*spec["overrides"], "dataset.source=local", f"dataset.path={glue / task}"]
+    overrides = [*spec["overrides"], "dataset.source=local", f"dataset.path={glue / task}",
+                 f"seed={seed}"]
     if quick:
         overrides += [f"train.max_train_samples={spec['quick_rows']}", "train.num_train_epochs=1",
                       "train.max_eval_samples=64"]
@@ -164,7 +165,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare(task: str, glue: Path, work: Path, quick: bool) -> Path:
+def prepare(task: str, glue: Path, work: Path, quick: bool, seed: int) -> Path:
     """Download and tokenize the task once (both arms read the snapshot); the tokenize stage is
     timed against the plain ``map(batched=True)`` on the same rows."""
     from omegaconf import OmegaConf
@@ -172,7 +173,7 @@ def prepare(task: str, glue: Path, work: Path, quick: bool) -> Path:
     from stages.download import download
     from stages.tokenize import tokenize
 
-    config = composed(task, glue, work / task, quick)
+    config = composed(task, glue, work / task, quick, seed)
     path = work / task / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(config), path)
@@ -361,6 +362,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved training rounds")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--quick", action="store_true", help="a smoke run, figures meaningless")
+    parser.add_argument("--seed", type=int, default=42, help="of both arms (and data splits)")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
     parser.add_argument("--prepare-only", action="store_true",
                         help="download and tokenize into --work, then stop")
@@ -385,7 +387,8 @@ def main() -> None:
     facts = machine()
     peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
     configs = {task: args.work / task / "config.yaml" if args.prepared
-               else prepare(task, args.glue, args.work, args.quick) for task in args.tasks}
+               else prepare(task, args.glue, args.work, args.quick, args.seed)
+               for task in args.tasks}
     if args.prepare_only:
         return None
     train = train_rounds(args.tasks, configs, args.rounds, env, args.work, not args.no_tracking)
