@@ -27,6 +27,8 @@ from pipeline.errors import ConfigError
 SOURCES = ("hub", "local", "package")
 LOCAL_FORMATS = ("csv", "tsv", "jsonl", "parquet", "folders")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Inference has no fp16 (no GradScaler to guard it): auto, bf16 autocast, or full fp32.
+INFERENCE_PRECISIONS = ("auto", "bf16", "fp32")
 # How training batches are drawn: rows of similar length together (little padding), or at random.
 SAMPLINGS = ("group_by_length", "random")
 TASKS = ("classification", "regression")
@@ -268,7 +270,7 @@ class EvalConfig:
     precision: str
 
     def __post_init__(self) -> None:
-        _check_choice("eval", "precision", self.precision, ("auto", "bf16", "fp32"))
+        _check_choice("eval", "precision", self.precision, INFERENCE_PRECISIONS)
         if self.quantize and self.precision == "bf16":
             raise ConfigError("eval.quantize=true runs the linear layers in int8 and the rest in "
                               "fp32: set eval.precision to auto or fp32")

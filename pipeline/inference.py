@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline.config import INFERENCE_PRECISIONS
 from pipeline.contracts import TEXT, TEXT_PAIR, check_model_folder
 from pipeline.errors import ConfigError
 from pipeline.hardware import native_bf16
@@ -99,9 +100,6 @@ def inference_device(device: Optional[str] = None, quantize: bool = False) -> st
     return device
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
 def inference_precision(requested: str, device: str, quantize: bool = False) -> str:
     """``fp32``, ``bf16`` (autocast) or ``int8`` (``quantize``). ``auto``: bf16 where the device
     computes it natively (:func:`pipeline.hardware.native_bf16`), fp32 elsewhere; with
@@ -110,20 +108,19 @@ def inference_precision(requested: str, device: str, quantize: bool = False) -> 
     Raises:
         ConfigError: an unknown precision, or bf16 together with int8 quantization.
     """
-    if requested not in PRECISIONS:
-        raise ConfigError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if requested not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision {requested!r} is not one of "
+                          f"{', '.join(INFERENCE_PRECISIONS)}")
     if quantize:
         if requested == "bf16":
             raise ConfigError("int8 quantization runs the linear layers in int8 and the rest in "
                               "fp32: use precision auto or fp32 with it, not bf16")
         return "int8"
     if requested == "auto":
-        return "bf16" if native_bf16(torch_device_type(device)) else "fp32"
+        import torch
+
+        return "bf16" if native_bf16(torch.device(device).type) else "fp32"
     return requested
-
-
-def torch_device_type(device: str) -> str:
-    return device.split(":")[0]
 
 
 def quantize_linear(model):

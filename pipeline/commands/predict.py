@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+from pipeline.config import INFERENCE_PRECISIONS
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.inference import TEXT, TEXT_PAIR
 from pipeline.textfiles import FORMATS, check_encoding, iter_lines, iter_records
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", action="store_true",
                         help="int8 linear layers (dynamic quantization; CPU only): faster, "
                         "slightly less accurate (eval.quantize=true measures how much)")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
                         help="auto (default): bf16 autocast where the hardware computes bf16 "
                         "natively, else fp32; fp32: the full-precision model's exact labels")
     parser.add_argument("--encoding", type=_encoding, default="utf-8",
