@@ -306,20 +306,31 @@ def bound_requests(tracking: TrackingConfig, uri: str) -> None:
 
     where = urlsplit(uri)
     port = where.port or (443 if where.scheme == "https" else 80)
-    needle = f"host='{where.hostname}', port={port}"
     pool_logger = logging.getLogger("urllib3.connectionpool")
-    if not any(getattr(f, "needle", None) == needle for f in pool_logger.filters):
-        pool_logger.addFilter(_QuietRetries(needle))
+    if not any(isinstance(f, _QuietRetries) and f.host == where.hostname
+               for f in pool_logger.filters):
+        pool_logger.addFilter(_QuietRetries(where.hostname, port))
 
 
 class _QuietRetries(logging.Filter):
-    def __init__(self, needle: str) -> None:
+    """Drops urllib3's "Retrying ..." warnings for the tracking server.
+
+    A refused connection names host and port in the message, but a connection the server broke
+    mid-request (it died, or a pooled keep-alive connection to its old process) names neither:
+    the message only carries the URL path. urllib3 tags every retry warning with its pool's
+    host in the record (the hook pip uses to rewrite them), so that is matched as well."""
+
+    def __init__(self, host: Optional[str], port: int) -> None:
         super().__init__()
-        self.needle = needle
+        self.host = host
+        self.needle = f"host='{host}', port={port}"
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Retrying") and self.needle in message)
+        if not message.startswith("Retrying"):
+            return True
+        tagged = getattr(record, "__urllib3-retry-warning", None) or {}
+        return not (self.needle in message or tagged.get("host") == self.host)
 
 
 @dataclass

@@ -3,6 +3,7 @@ process from a dead one, telling an outage from a refused request."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -11,10 +12,12 @@ import requests
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
+from pipeline.config import TrackingConfig
 from pipeline.tracking import (
     HOST_TAG,
     PID_START_TAG,
     PID_TAG,
+    bound_requests,
     is_outage,
     loggable,
     outage_reason,
@@ -74,3 +77,31 @@ def test_an_unreachable_server_is_an_outage_and_a_refused_request_is_not():
     assert outage_reason(MlflowException("API request to http://h/api failed with exception "
                                          "Max retries exceeded (Caused by ResponseError("
                                          "'too many 503 error responses'))")) == "HTTP 503"
+
+
+def test_urllib3_retry_warnings_about_the_tracking_server_are_quiet_and_others_are_not(
+        monkeypatch, caplog):
+    """Both shapes urllib3 warns in: a refused connection names host and port in the message; a
+    connection the dying server broke mid-request names only the URL path (CI met this one)."""
+    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(variable, "1")
+    pool_logger = logging.getLogger("urllib3.connectionpool")
+    monkeypatch.setattr(pool_logger, "filters", list(pool_logger.filters))
+    bound_requests(TrackingConfig("e", False, 1, 1, 1, "p"), "http://127.0.0.1:5123")
+    caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
+
+    def retry_warning(host: str, err: str, url: str) -> None:
+        pool_logger.warning("Retrying (%r) after connection broken by '%r': %s", "Retry(total=1)",
+                            err, url, extra={"__urllib3-retry-warning": {"host": host}})
+
+    retry_warning("127.0.0.1", "NewConnectionError(\"HTTPConnection(host='127.0.0.1', "
+                  "port=5123): Failed to establish a new connection\")", "/api/2.0/mlflow/runs/get")
+    retry_warning("127.0.0.1", "ProtocolError('Connection aborted.', RemoteDisconnected("
+                  "'Remote end closed connection without response'))",
+                  "/api/2.0/mlflow/runs/log-batch")
+    retry_warning("huggingface.co", "ProtocolError('Connection aborted.')", "/api/models/x")
+    pool_logger.warning("Connection pool is full, discarding connection: 127.0.0.1")
+    assert [r.getMessage()[:40] for r in caplog.records] == [
+        "Retrying ('Retry(total=1)') after connec", "Connection pool is full, discarding conn"]
+    assert "huggingface.co" in caplog.records[0].__dict__["__urllib3-retry-warning"]["host"]
