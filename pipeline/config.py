@@ -66,6 +66,7 @@ class PathsConfig:
     tokenized_dir: str
     model_dir: str
     history_path: str
+    curves_dir: str
     metrics_path: str
     predictions_dir: str
     confusion_path: str

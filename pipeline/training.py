@@ -4,6 +4,7 @@ Trainer, by one of three strategies: fine-tune everything, train the head alone 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import hashlib
@@ -426,8 +427,7 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
         if not runtime.keep_checkpoints:
             shutil.rmtree(work_dir, ignore_errors=True)
     return TrainResult(
-        eval_metrics={k.removeprefix("eval_"): v for k, v in eval_metrics.items()
-                      if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
+        eval_metrics=validation_metrics(eval_metrics),
         train_metrics=dict(train_output.metrics),
         history=history,
         device=device,
@@ -604,13 +604,51 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def validation_metrics(entry: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's entry of the Trainer's log as metrics: without the ``eval_`` prefix and
+    without its timings."""
+    return {k.removeprefix("eval_"): v for k, v in entry.items()
+            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+
+
+# The files of paths.curves_dir; dvc.yaml's top-level `plots` name them.
+TRAIN_CURVE, VALIDATION_CURVE = "train.tsv", "validation.tsv"
+TRAIN_CURVE_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
+
+
+def write_curves(history: Sequence[dict[str, Any]], curves_dir: str) -> None:
+    """Write the training history as the curves ``dvc plots`` draws: ``train.tsv``, a row per
+    logging step (:data:`TRAIN_CURVE_FIELDS`), and ``validation.tsv``, a row per evaluation
+    (step, epoch, then the validation loss and metrics). DVC plots a file only when all its rows
+    have the same fields, which the history's mix of training, evaluation and summary entries has
+    not; steps and epochs are the history's, continuing across the phases of a run."""
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    names = list(validation_metrics(evaluations[0])) if evaluations else ["loss"]
+    with atomic_dir(curves_dir) as tmp:
+        _write_tsv(tmp / TRAIN_CURVE, TRAIN_CURVE_FIELDS,
+                   [[entry.get(field, "") for field in TRAIN_CURVE_FIELDS]
+                    for entry in history if "loss" in entry])
+        _write_tsv(tmp / VALIDATION_CURVE, ["step", "epoch", *names],
+                   [[entry["step"], entry["epoch"],
+                     *(validation_metrics(entry).get(name, "") for name in names)]
+                    for entry in evaluations])
+
+
+def _write_tsv(path: Path, header: Sequence[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, work_dir: str,
-                     run_name_suffix: str = "",
+                     curves_dir: str, run_name_suffix: str = "",
                      tags: Optional[dict[str, str]] = None) -> dict[str, float]:
     """The train stage: train by :func:`train_model` into ``model_dir`` inside one MLflow run
     (rank 0 only) that holds the config, the lineage of data and pretrained weights, the curves,
-    the validation metrics and the model. Returns the best checkpoint's validation metrics (what
-    a sweeper optimises)."""
+    the validation metrics and the model; the curves also go to ``curves_dir`` for ``dvc plots``
+    (:func:`write_curves`). Returns the best checkpoint's validation metrics (what a sweeper
+    optimises)."""
     paths = cfg.paths
     fit = functools.partial(train_model, cfg.train, cfg.head, cfg.runtime, seed=cfg.seed,
                             main_metric=cfg.dataset.main_metric, metrics=cfg.dataset.metrics,
@@ -625,6 +663,7 @@ def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, 
                            "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
         tracking.log_config(cfg)
         result = fit(log_to_mlflow=True)
+        write_curves(result.history, curves_dir)
         tracking.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir),
                            "device": result.device, "precision": result.precision,
                            "precision_reason": result.precision_reason})

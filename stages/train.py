@@ -1,5 +1,8 @@
 """DVC stage `train`: fine-tune paths.pretrained_dir on paths.tokenized_dir; writes paths.model_dir.
 
+The training history goes to paths.history_path, and as the curves `dvc plots` draws (a file of
+training steps, one of evaluations) to paths.curves_dir.
+
 Under Hydra multirun (`-m`) each job writes its model to its own job folder instead, and its
 MLflow run is a child of the sweep's parent run. Under torchrun every process trains its share
 of each batch (DistributedDataParallel) and rank 0 alone saves the model and logs the MLflow run.
@@ -25,13 +28,14 @@ def train(cfg: PipelineConfig) -> dict:
         return train_and_record(
             cfg, model_dir=str(job_dir() / "model"),
             history_path=str(job_dir() / "train_history.json"),
+            curves_dir=str(job_dir() / "curves"),
             work_dir=str(job_dir() / "checkpoints"), run_name_suffix=f"-job{job.num}",
             tags={"sweep_job": str(job.num),
                   "sweep_overrides": " ".join(HydraConfig.get().overrides.task)})
     work_dir = Path(paths.trainer_checkpoints_dir) / run_fingerprint(
         cfg, paths.tokenized_dir, paths.pretrained_dir)
     return train_and_record(cfg, model_dir=paths.model_dir, history_path=paths.history_path,
-                            work_dir=str(work_dir))
+                            curves_dir=paths.curves_dir, work_dir=str(work_dir))
 
 
 if __name__ == "__main__":

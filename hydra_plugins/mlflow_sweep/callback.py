@@ -18,6 +18,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.tracking import SWEEP_PARENT_ENV
@@ -176,7 +177,10 @@ class MlflowSweepCallback(Callback):
             os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self.run_id is None:
+        """Leave the job's record (overrides, status, error or validation metrics, and the
+        config it ran with, which ``hf-text-pipeline exp-from-sweep`` checks) in its folder;
+        record a failure in MLflow."""
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
         num = int(config.hydra.job.num)
         overrides = list(config.hydra.overrides.task)
@@ -186,9 +190,17 @@ class MlflowSweepCallback(Callback):
             error = job_return._return_value  # the exception; .return_value would raise it
             record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
             try:
-                self._record_failure(num, overrides, record["error"])
+                if self.run_id is not None:
+                    self._record_failure(num, overrides, record["error"])
             except Exception:  # a tracking outage must not hide the job's own error
                 logger.exception("could not record the failed job %d in MLflow", num)
+        elif isinstance(job_return.return_value, dict):
+            record["main_metric"] = config.dataset.main_metric
+            record["validation"] = {key: value for key, value in job_return.return_value.items()
+                                    if isinstance(value, (int, float))}
+        record["config"] = OmegaConf.to_container(
+            OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]),
+            resolve=True)
         out = Path(config.hydra.runtime.output_dir) / JOB_RECORD
         out.write_text(json.dumps(record, indent=1))
 
