@@ -3,6 +3,7 @@
     hf-text-pipeline predict --model models/model "a gripping, funny film"
     hf-text-pipeline compare --parent <sweep parent run id>
     hf-text-pipeline sync
+    hf-text-pipeline clean-runs
 
 Each command is a module of this package with its own ``main(argv)``; ``python -m
 pipeline.commands <command> ...`` runs the same without the console script.
@@ -17,13 +18,14 @@ COMMANDS = {
     "predict": "classify texts or text pairs with a trained model (folder or MLflow URI)",
     "compare": "compare MLflow runs (a sweep's children, or an experiment's runs) side by side",
     "sync": "send the MLflow runs kept locally while the tracking server was unreachable",
+    "clean-runs": "free the disk space of deleted MLflow runs and their models (mlflow gc)",
 }
 PROG = "hf-text-pipeline"
 
 
 def _usage() -> str:
     lines = [f"usage: {PROG} <command> [options]", "", "commands:"]
-    lines += [f"  {name:<9} {summary}" for name, summary in COMMANDS.items()]
+    lines += [f"  {name:<10} {summary}" for name, summary in COMMANDS.items()]
     lines += ["", f"`{PROG} <command> --help` describes a command's options.",
               "The pipeline's stages run with `dvc repro` (or `python -m stages.<stage> --help`)."]
     return "\n".join(lines)
@@ -39,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    return importlib.import_module(f"pipeline.commands.{command}").main(rest)
+    return importlib.import_module(f"pipeline.commands.{command.replace('-', '_')}").main(rest)
