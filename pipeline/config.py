@@ -143,12 +143,19 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A pretrained checkpoint: Hub id, local folder, or ``<import name>/<folder>`` of a package."""
+    """A pretrained checkpoint: Hub id, local folder, or ``<import name>/<folder>`` of a package.
+
+    ``base_model`` and ``license`` are what the model card's metadata says the fine-tuned model
+    comes from and inherits: the checkpoint's Hub id (null: ``path`` for a Hub source, unknown
+    otherwise) and its license id on the Hub (``apache-2.0``, ``mit``; null: unknown).
+    """
 
     name: str
     source: str
     path: str
     revision: Optional[str]
+    base_model: Optional[str]
+    license: Optional[str]
 
     def __post_init__(self) -> None:
         _check_choice("model", "source", self.source, SOURCES)
@@ -376,6 +383,9 @@ def load_section(cfg: DictConfig, key: str, schema: type[T]) -> T:
                           f"{', '.join(schema_keys(schema))}")
     for f in dataclasses.fields(schema):
         condition = f.metadata.get("only_for")
+        if OmegaConf.is_missing(section, f.name):
+            raise ConfigError(f"'{key}.{f.name}' has no value (??? in conf/): set it, e.g. "
+                              f"`dvc exp run -S {key}.{f.name}=<value>`")
         if condition is None:
             if f.name not in section:
                 raise ConfigError(f"missing key '{key}.{f.name}' (conf/ sets every key; is "

@@ -292,11 +292,23 @@ def _check_class_sizes(columns: dict[str, dict[str, list[Any]]], names: list[str
     others = "".join(f", and label {names[i]!r} {n} row{'' if n == 1 else 's'}"
                      for n, i in rare[1:4]) + (", ..." if len(rare) > 4 else "")
     left = " once duplicates and leakage are removed" if count == 0 else ""
+    scores = ("; if the labels are scores, not classes: dataset.task=regression and "
+              "dataset.main_metric=pearson" if _look_like_scores(names) else "")
     raise DataValidationError(
         f"{first_rows[label]}: label {names[label]!r} has {count} row{'' if count == 1 else 's'}"
         f" over the labelled splits{left}{others} (dataset.min_class_rows={cfg.min_class_rows}):"
         " fix the row if the label is a mistake; if it is a real class, list it in "
-        "dataset.label_names or lower dataset.min_class_rows")
+        f"dataset.label_names or lower dataset.min_class_rows{scores}")
+
+
+def _look_like_scores(names: list[str]) -> bool:
+    """Labels that are all numbers, some with a fraction: a regression target read as classes
+    (the task is configured, not inferred, since it decides the metrics)."""
+    try:
+        values = [float(name) for name in names]
+    except ValueError:
+        return False
+    return any(not value.is_integer() for value in values)
 
 
 def _handle_leakage(columns: dict[str, dict[str, list[Any]]], action: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,18 @@ logger = logging.getLogger(__name__)
 
 REPORT = "report.md"
 MODEL_CARD = "README.md"
+# Above this share of a split's texts cut at tokenize.max_length, the report and the log warn.
+TRUNCATION_WARNING = 0.05
+# Our metric names as the Hub's model-index has them: type, config (macro-F1 is F1 averaged over
+# the classes; plain f1 is the positive class's), and the name shown.
+CARD_METRICS = {
+    "accuracy": ("accuracy", None, "Accuracy"),
+    "f1": ("f1", None, "F1"),
+    "macro_f1": ("f1", "macro", "Macro F1"),
+    "mcc": ("matthews_correlation", None, "MCC"),
+    "pearson": ("pearsonr", None, "Pearson"),
+    "spearman": ("spearmanr", None, "Spearman"),
+}
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -86,6 +99,22 @@ def _data_table(manifest: dict[str, Any], token_stats: dict[str, Any]) -> str:
                    "truncated"], rows)
 
 
+def truncation_warning(token_stats: dict[str, Any]) -> str:
+    """A warning, logged and returned for the report, naming each split where more than
+    :data:`TRUNCATION_WARNING` of the texts were longer than ``tokenize.max_length``; "" when
+    none was."""
+    cut = {name: split["truncation_rate"] for name, split in token_stats["splits"].items()
+           if split.get("truncation_rate", 0) > TRUNCATION_WARNING}
+    if not cut:
+        return ""
+    message = (f"{', '.join(f'{rate:.1%} of {name}' for name, rate in cut.items())} texts are "
+               f"longer than tokenize.max_length={token_stats['max_length']} tokens and were "
+               f"truncated (more than {TRUNCATION_WARNING:.0%}): the model never sees their "
+               "ends; if the ends matter, raise tokenize.max_length (training time grows with it)")
+    logger.warning(message)
+    return f"**Warning:** {message}."
+
+
 def _describe_head(cfg: PipelineConfig) -> str:
     head = cfg.head
     if head.type == "auto":
@@ -141,9 +170,10 @@ def write_report(cfg: PipelineConfig) -> list[Path]:
     leakage = manifest["leakage"]
 
     confusion = None if regression else read_confusion(paths.confusion_path, names)
+    truncation = truncation_warning(token_stats)
     sections = {
         "config": _config_table(cfg, pretrained),
-        "data": _data_table(manifest, token_stats),
+        "data": _data_table(manifest, token_stats) + (f"\n\n{truncation}" if truncation else ""),
         "metrics": _metrics_table(metrics),
         "per_class": "" if regression else (
             f"Per class on **{primary}**:\n\n{_per_class_table(confusion, names)}\n"),
@@ -189,19 +219,55 @@ Truncation is at {token_stats['max_length']} tokens.
     with atomic_dir(paths.release_dir) as tmp:
         for file in Path(paths.model_dir).iterdir():
             shutil.copy2(file, tmp / file.name)
-        (tmp / MODEL_CARD).write_text(model_card(cfg, manifest, pretrained, metrics, sections))
+        model_card(cfg, manifest, pretrained, metrics, sections).save(tmp / MODEL_CARD)
     report_dir = Path(paths.report_dir)
     return [report_dir / REPORT, report_dir / "training_curves.png", report_dir / figure,
             Path(paths.release_dir) / MODEL_CARD]
 
 
+def card_metadata(cfg: PipelineConfig, metrics: dict[str, Any]):
+    """The model card's metadata as the Hub and other tools read it (``huggingface_hub``'s
+    ``ModelCardData``): base model, dataset, license, and every labelled split's metrics as
+    ``model-index`` eval results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset, model = cfg.dataset, cfg.model
+    # Hub ids where there are ones; a local or packaged dataset is named as the config names it.
+    dataset_id = dataset.path if dataset.source == "hub" else dataset.name
+    base_model = model.base_model or (model.path if model.source == "hub" else None)
+    results = [
+        EvalResult(task_type="text-classification", task_name="Text Classification",
+                   dataset_type=dataset_id, dataset_name=dataset.name,
+                   dataset_config=dataset.subset, dataset_split=split,
+                   dataset_revision=dataset.revision, metric_type=CARD_METRICS[name][0],
+                   metric_config=CARD_METRICS[name][1], metric_name=CARD_METRICS[name][2],
+                   metric_value=float(value))
+        for split, scores in metrics.items() if isinstance(scores, dict)
+        for name, value in _scores(scores).items()
+        if name in CARD_METRICS and value is not None and math.isfinite(value)]
+    return ModelCardData(
+        model_name=f"{model.name}-{dataset.name}", base_model=base_model, datasets=[dataset_id],
+        license=model.license, library_name="transformers", pipeline_tag="text-classification",
+        tags=["text-classification", dataset.name],
+        metrics=sorted({result.metric_type for result in results}) or None,
+        eval_results=results or None)
+
+
 def model_card(cfg: PipelineConfig, manifest: dict[str, Any], pretrained: dict[str, Any],
-               metrics: dict[str, Any], sections: dict[str, str]) -> str:
+               metrics: dict[str, Any], sections: dict[str, str]):
+    """The released model's ``README.md`` as a ``huggingface_hub.ModelCard``: the metadata of
+    :func:`card_metadata` in its YAML header, then use, data, training, evaluation, limits."""
+    from huggingface_hub import ModelCard
+
     names = manifest["label_names"]
     primary = metrics["primary_split"]
-    base = cfg.model.path if cfg.model.source == "hub" else f"{cfg.model.source}:{cfg.model.path}"
-    # base_model in the card metadata must be a Hub id; other sources are named in the text.
-    hub_base = f"base_model: {cfg.model.path}\n" if cfg.model.source == "hub" else ""
+    model, revision = cfg.model, f"revision {pretrained.get('revision')}"
+    if model.source == "hub":
+        base = f"`{model.path}` ({revision})"
+    elif model.base_model:
+        base = f"`{model.base_model}` ({model.source} `{model.path}`, {revision})"
+    else:
+        base = f"`{model.source}:{model.path}` ({revision})"
     pair = manifest.get("text_pair")
     if manifest.get("task") == "regression":
         head = "a new regression head (one score, trained with MSE loss)"
@@ -212,16 +278,14 @@ def model_card(cfg: PipelineConfig, manifest: dict[str, Any], pretrained: dict[s
     pooled_note = ("\nThe pooled head is this project's own class: `import pipeline.heads` before "
                    "loading it with transformers, or use `hf-text-pipeline predict --model "
                    "<this folder>`.\n" if cfg.head.type == "pooled" else "")
-    return f"""---
-library_name: transformers
-pipeline_tag: text-classification
-{hub_base}tags: [text-classification, {cfg.dataset.name}]
+    return ModelCard(f"""---
+{card_metadata(cfg, metrics).to_yaml()}
 ---
 
 # {cfg.model.name} fine-tuned on {cfg.dataset.name}
 
-A `{pretrained.get('model_type')}` sequence classifier: the pretrained body of `{base}`
-(revision {pretrained.get('revision')}) with {head}, trained on {cfg.dataset.name}
+A `{pretrained.get('model_type')}` sequence classifier: the pretrained body of {base}
+with {head}, trained on {cfg.dataset.name}
 ({_describe_strategy(cfg)}; head: {_describe_head(cfg)}).
 
 ## Intended use
@@ -262,4 +326,4 @@ Headline split: **{primary}**.
   reflect the annotators' and publishers' categories, not ground truth.
 - Text past {cfg.tokenize.max_length} tokens is never seen by the model.
 - Probabilities come from a softmax over logits and are not calibrated.
-"""
+""")

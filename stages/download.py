@@ -8,12 +8,14 @@ from pipeline.preparation import prepare_and_save
 from pipeline.pretrained import snapshot_pretrained
 from stages.entrypoint import run_stage
 
-# What the snapshots depend on (dvc.yaml lists the same): not the metrics or submission keys.
+# What the snapshots depend on (dvc.yaml lists the same): not the metrics or submission keys,
+# nor the model card's metadata.
 PARAMS = ["seed", "dataset.name", "dataset.source", "dataset.path", "dataset.subset",
           "dataset.revision", "dataset.format", "dataset.text_column", "dataset.text_pair_column",
           "dataset.label_column", "dataset.label_names", "dataset.task", "dataset.id_column",
           "dataset.validation_size", "dataset.test_size", "dataset.deduplicate",
-          "dataset.on_leakage", "dataset.encoding", "dataset.min_class_rows", "model"]
+          "dataset.on_leakage", "dataset.encoding", "dataset.min_class_rows", "model.name",
+          "model.source", "model.path", "model.revision"]
 
 
 def download(cfg: PipelineConfig) -> None:

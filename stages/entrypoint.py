@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config import PipelineConfig, declared_view, load_config
+from pipeline.config import SECTIONS, PipelineConfig, declared_view, load_config
 from pipeline.errors import ConfigError, PipelineError
 
 logger = logging.getLogger(__name__)
@@ -64,18 +64,54 @@ def config_groups(root: Path) -> list[str]:
     return groups
 
 
-def _refuse_group_switches(stage: str, overrides: Sequence[str]) -> None:
-    """A stage reads params.yaml, where a group is already a resolved section: Hydra would turn
-    ``dataset=glue_mrpc`` into the string "glue_mrpc". Only DVC's composition switches groups."""
+class _ArgvError(Exception):
+    """The command line does not parse; Hydra says why when it parses it itself."""
+
+
+def _raise_argv_error(message: str) -> None:
+    raise _ArgvError(message)
+
+
+def _refuse_group_switches(stage: str, argv: Sequence[str]) -> None:
+    """Refuse a config group on a stage's command line, in one line that shows the `dvc exp run
+    -S` form: a stage reads params.yaml, where each group is already a resolved section, so
+    Hydra would turn ``dataset=glue_mrpc`` into the string "glue_mrpc", delete the section for
+    ``~dataset``, find no ``strategy`` or ``experiment`` to override, and start a failing job per
+    value of ``-m dataset=a,b``. The command line is parsed the way Hydra parses it (its own
+    argument and override parsers), before Hydra runs anything.
+
+    Raises:
+        ConfigError: naming the override and the DVC command that does what it asks.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = get_args_parser()
+    parser.error = _raise_argv_error  # type: ignore[method-assign]
+    try:
+        args = parser.parse_args(list(argv))
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except (_ArgvError, HydraException):
+        return
     groups = config_groups(Path.cwd())
     for override in overrides:
-        key, equals, value = override.partition("=")
-        if equals and key.lstrip("+~") in groups:
-            raise ConfigError(
-                f"'{override}' switches the config group '{key.lstrip('+~')}', which a stage "
-                f"cannot do (it reads params.yaml): run `dvc exp run -S {key.lstrip('+~')}="
-                f"{value}`, or override single values here, e.g. `python -m stages.{stage} "
-                f"{key.lstrip('+~')}.<key>=<value>`")
+        group = override.key_or_group
+        if group not in groups:
+            continue  # a value (dataset.path=...), or one of Hydra's groups (hydra/launcher=...)
+        line = override.input_line or group
+        if override.is_delete():
+            dvc = f"dvc exp run -S {group}=<option>` to choose another option"
+        elif override.is_sweep_override():
+            dvc = (f"dvc exp run --queue -S {group}={override.get_value_string()}` and "
+                   "`dvc queue start` (an experiment per option)")
+        else:
+            dvc = f"dvc exp run -S {group}={override.get_value_string()}`"
+        values = (f", or override single values here, e.g. `python -m stages.{stage} "
+                  f"{group}.<key>=<value>`" if group in SECTIONS else "")
+        raise ConfigError(f"'{line}' {'removes' if override.is_delete() else 'switches'} the "
+                          f"config group '{group}', which a stage cannot do (it reads "
+                          f"params.yaml): run `{dvc}{values}")
 
 
 def _dvc_stage(root: Path, stage: str) -> tuple[list[str], list[str]]:
@@ -166,6 +202,12 @@ def run_stage(name: str, body: Callable[[PipelineConfig], Any], params: Sequence
         print(stage_help(name, summary, params))
         sys.exit(0)
 
+    try:
+        _refuse_group_switches(name, sys.argv[1:])
+    except ConfigError as exc:
+        print_error(name, exc)
+        sys.exit(1)
+
     os.environ.setdefault(SWEEP_STAMP_ENV, sweep_stamp())
 
     # Stages run from the project root (as DVC runs them), and read that project's params.yaml.
@@ -173,7 +215,6 @@ def run_stage(name: str, body: Callable[[PipelineConfig], Any], params: Sequence
     def main(cfg: DictConfig) -> Any:
         _quiet_libraries()
         try:
-            _refuse_group_switches(name, HydraConfig.get().overrides.task)
             config = load_config(cfg)
             return body(declared_view(config, name, params))
         except PipelineError as exc:

@@ -28,6 +28,8 @@ def tiny_overrides(corpus: Path, checkpoint: Path) -> list[str]:
         "model.source=local",
         f"model.path={checkpoint}",
         "model.revision=null",
+        "model.base_model=null",
+        "model.license=null",
         "tokenize.max_length=32",
         "train=smoke",
         "train.num_train_epochs=2",
@@ -151,9 +153,10 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: f
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,
-        env: dict | None = None) -> subprocess.CompletedProcess:
+        env: dict | None = None, umask: int = -1) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (with ``umask`` where given, else the test's); fail with its output."""
     done = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, umask=umask)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                              f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")

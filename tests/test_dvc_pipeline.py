@@ -24,11 +24,12 @@ STAGES = ["download", "tokenize", "train", "evaluate", "report"]
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_corpus, tiny_checkpoint):
-    """A project copy on the tiny config after one `dvc repro`, tracking to its default database."""
+    """A project copy on the tiny config after one `dvc repro` under the usual umask 022,
+    tracking to its default database."""
     root = make_project(tmp_path_factory.mktemp("e2e") / "project",
                         compose_params(tiny_overrides(tiny_corpus, tiny_checkpoint)))
     env = subprocess_env(MLFLOW_TRACKING_URI=None)  # exercise the embedded default
-    done = run([dvc_executable(), "repro"], root, env=env)
+    done = run([dvc_executable(), "repro"], root, env=env, umask=0o022)
     return root, env, done
 
 
@@ -50,6 +51,24 @@ def test_repro_runs_every_stage_and_leaves_its_outputs(project):
     assert {"accuracy", "f1", "mcc"} <= set(metrics["test"])
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
+
+
+def test_outputs_are_readable_by_group_and_others_under_umask_022(project):
+    """A released model (and every other output) can be shared as it is: folders 0755, files
+    0644, as the umask says, down to the MLflow copies of the model."""
+    root, *_ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    tops = [root / params["paths"][key] for key in ("raw_dir", "pretrained_dir", "tokenized_dir",
+                                                    "model_dir", "history_path", "metrics_path",
+                                                    "predictions_dir", "report_dir",
+                                                    "release_dir")] + [root / "mlartifacts"]
+    private = []
+    for top in tops:
+        for path in [top, *top.rglob("*")]:
+            mode = path.stat().st_mode & 0o777
+            if mode != (0o755 if path.is_dir() else 0o644):
+                private.append(f"{oct(mode)} {path.relative_to(root)}")
+    assert not private, "\n".join(private)
 
 
 def test_second_repro_is_a_no_op(project):
@@ -224,7 +243,7 @@ def test_temp_experiment_reports_to_the_project_database(project, tiny_corpus, t
                     "format": "jsonl", "revision": None, "id_column": None,
                     "submission_name": None},
         "model": {"name": "tiny_bert", "source": "local", "path": str(tiny_checkpoint),
-                  "revision": None},
+                  "revision": None, "base_model": None, "license": None},
         "tokenize": {"max_length": 32},
         "train": {"max_train_samples": None, "max_eval_samples": None},
     }, sort_keys=False))

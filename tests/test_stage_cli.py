@@ -40,14 +40,34 @@ def test_help_says_what_the_stage_reads_writes_and_how_to_change_it(crowded_proj
     assert "conf/dataset" not in done.stdout and "d199" not in done.stdout
 
 
-def test_a_group_on_a_stage_command_line_says_how_to_switch_it():
-    done = run([sys.executable, "-m", "stages.train", "dataset=glue_mrpc"], PROJECT,
-               check=False, timeout=120)
+SWITCH = ("which a stage cannot do (it reads params.yaml): run `dvc exp run -S {}`, or override "
+          "single values here, e.g. `python -m stages.train {}.<key>=<value>`")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["dataset=glue_mrpc"], "'dataset=glue_mrpc' switches the config group 'dataset', "
+     + SWITCH.format("dataset=glue_mrpc", "dataset")),
+    (["+train=smoke"], "'+train=smoke' switches the config group 'train', "
+     + SWITCH.format("train=smoke", "train")),
+    (["strategy=two_phase"], "'strategy=two_phase' switches the config group 'strategy', which "
+     "a stage cannot do (it reads params.yaml): run `dvc exp run -S strategy=two_phase`"),
+    (["experiment=mrpc_minilm"], "'experiment=mrpc_minilm' switches the config group "
+     "'experiment', which a stage cannot do (it reads params.yaml): run `dvc exp run -S "
+     "experiment=mrpc_minilm`"),
+    (["~dataset"], "'~dataset' removes the config group 'dataset', which a stage cannot do (it "
+     "reads params.yaml): run `dvc exp run -S dataset=<option>` to choose another option, or "
+     "override single values here, e.g. `python -m stages.train dataset.<key>=<value>`"),
+    (["-m", "dataset=glue_mrpc,glue_sst2"], "'dataset=glue_mrpc,glue_sst2' switches the config "
+     "group 'dataset', which a stage cannot do (it reads params.yaml): run `dvc exp run --queue "
+     "-S dataset=glue_mrpc,glue_sst2` and `dvc queue start` (an experiment per option), or "
+     "override single values here, e.g. `python -m stages.train dataset.<key>=<value>`"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else "message")
+def test_a_group_on_a_stage_command_line_says_how_to_switch_it(args, line):
+    """Every form Hydra accepts for a group (switch, add, delete, sweep) stops in one line that
+    shows the `dvc exp run -S` form, before any job runs; values and Hydra's own groups pass."""
+    done = run([sys.executable, "-m", "stages.train", *args], PROJECT, check=False, timeout=120)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "train: error: 'dataset=glue_mrpc' switches the config group 'dataset', which a stage "
-        "cannot do (it reads params.yaml): run `dvc exp run -S dataset=glue_mrpc`, or override "
-        "single values here, e.g. `python -m stages.train dataset.<key>=<value>`"]
+    assert done.stderr.strip().splitlines() == [f"train: error: {line}"]
 
 
 def test_slurm_launcher_config_composes_onto_hydra_submitit():

@@ -5,6 +5,7 @@
     hf-text-pipeline sync
     hf-text-pipeline exp-from-sweep multirun/<date>/<time>
     hf-text-pipeline offline-plots
+    hf-text-pipeline clean-runs
 
 Each command is a module of this package (``-`` in its name is ``_`` in the module's) with its
 own ``main(argv)``; ``python -m pipeline.commands <command> ...`` runs the same without the
@@ -22,6 +23,7 @@ COMMANDS = {
     "sync": "send the MLflow runs kept locally while the tracking server was unreachable",
     "exp-from-sweep": "run a finished sweep's best job again as a DVC experiment",
     "offline-plots": "make `dvc plots show/diff` pages work without network (Vega inlined)",
+    "clean-runs": "free the disk space of deleted MLflow runs and their models (mlflow gc)",
 }
 PROG = "hf-text-pipeline"
 

@@ -131,6 +131,19 @@ def test_report_and_model_card(chain):
     for section in ("## Intended use", "## Training data", "## Evaluation",
                     "## Limitations and bias"):
         assert section in card
+    # The metadata the Hub reads: model-index with every labelled split's metrics.
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(release / "README.md").data
+    metrics = json.loads(Path(cfg.paths.metrics_path).read_text())
+    hub_names = {"macro_f1": ("f1", "macro"), "mcc": ("matthews_correlation", None)}
+    expected = {(split, *hub_names.get(name, (name, None))): value
+                for split in ("validation", "test") for name, value in metrics[split].items()
+                if name != "examples"}
+    assert {(r.dataset_split, r.metric_type, r.metric_config): r.metric_value
+            for r in data.eval_results} == expected
+    assert (data.datasets, data.base_model, data.library_name) == \
+        (["tiny_sentiment"], None, "transformers")
     assert (release / "model.safetensors").read_bytes() == \
         (Path(cfg.paths.model_dir) / "model.safetensors").read_bytes()
 

@@ -129,3 +129,25 @@ def test_a_folder_replaced_by_atomic_dir_is_hashed_again(tmp_path):
         _aged(out, {"data.arrow": b"new!"}, mtime=past)
     assert hash_path(target) != first
     assert hash_path(target) == hashlib.sha256(b"data.arrow\0new!\0").hexdigest()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=oct)
+def test_outputs_are_created_with_the_umask_so_a_release_can_be_shared(tmp_path, umask):
+    """tempfile's private 0700 folders and 0600 files would otherwise become the outputs, and
+    safetensors 0.8 writes weights 0600 whatever the umask."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    previous = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "release") as out:
+            save_file({"weight": np.zeros(2, dtype=np.float32)}, str(out / "model.safetensors"))
+            (out / "figures").mkdir()
+        artifacts.write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in
+             (tmp_path / "release", tmp_path / "release" / "figures",
+              tmp_path / "release" / "model.safetensors", tmp_path / "metrics.json")}
+    assert modes == {"release": 0o777 & ~umask, "figures": 0o777 & ~umask,
+                     "model.safetensors": 0o666 & ~umask, "metrics.json": 0o666 & ~umask}

@@ -28,7 +28,10 @@ def test_every_experiment_composes_and_validates(experiment):
 @pytest.mark.parametrize("group", ["dataset", "model", "train"])
 def test_every_group_option_validates(group):
     for option in sorted((PROJECT / "conf" / group).glob("*.yaml")):
-        validated([f"{group}={option.stem}"])
+        # dataset=csv is the user's own file: its path is theirs to give
+        validated([f"{group}={option.stem}"]
+                  + (["dataset.path=reviews.csv"] if f"{group}={option.stem}" == "dataset=csv"
+                     else []))
 
 
 def test_params_yaml_is_what_dvc_composes_from_conf(tmp_path):
@@ -111,6 +114,24 @@ def test_a_key_conf_does_not_set_is_named():
     del params["runtime"]["eval_batch_size"]
     with pytest.raises(ConfigError, match=r"missing key 'runtime.eval_batch_size'"):
         load_config(OmegaConf.create(params))
+
+
+def test_own_csv_needs_three_overrides_and_infers_the_rest():
+    dataset = validated(["dataset=csv", "dataset.path=reviews.csv",
+                         "dataset.text_column=review"]).dataset
+    assert (dataset.source, dataset.format, dataset.path) == ("local", "csv", "reviews.csv")
+    assert (dataset.text_column, dataset.label_column, dataset.text_pair_column) == \
+        ("review", "label", None)
+    # label names from the data, the task's usual metrics, validation and test carved
+    assert (dataset.label_names, dataset.metrics, dataset.task) == (None, None, "classification")
+    assert (dataset.validation_size, dataset.test_size) == (0.1, 0.1)
+
+
+def test_a_value_conf_leaves_unset_is_named_with_the_dvc_command():
+    with pytest.raises(ConfigError) as error:
+        validated(["dataset=csv", "dataset.text_column=review"])
+    assert str(error.value) == ("'dataset.path' has no value (??? in conf/): set it, e.g. "
+                                "`dvc exp run -S dataset.path=<value>`")
 
 
 def test_a_misspelt_experiment_is_refused_not_replaced_by_the_defaults():

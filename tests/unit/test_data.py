@@ -306,6 +306,19 @@ def test_a_label_with_too_few_rows_is_refused_naming_its_row(tmp_path):
         "class, list it in dataset.label_names or lower dataset.min_class_rows")
 
 
+def test_scores_read_as_classes_are_refused_with_the_regression_settings(tmp_path):
+    """A CSV of similarity scores under the default classification task: every score would be
+    a class of its own."""
+    path = tmp_path / "scores.csv"
+    path.write_text("text,label\n" + "".join(f"sentence {i},{i % 7 * 0.75}\n" for i in range(12))
+                    + "odd one,4.6\n")
+    with pytest.raises(DataValidationError) as error:
+        prepare_dataset(local(path, "csv"), seed=0)
+    assert str(error.value).startswith(f"{path}:7: label '3.75' has 1 row")
+    assert str(error.value).endswith("; if the labels are scores, not classes: "
+                                     "dataset.task=regression and dataset.main_metric=pearson")
+
+
 def test_a_rare_label_is_kept_when_listed_or_when_the_minimum_allows_it(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pipeline.preparation")
     path = _stray_label(tmp_path)
