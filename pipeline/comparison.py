@@ -22,13 +22,15 @@ PLOT = "metric_vs_params.png"
 # Tags that say which run a row is; shown before the params.
 _ID_TAGS = ("dvc_exp_name", "sweep_job")
 SUMMARY_PREFIXES = ("validation_", "test_", "train_runtime")
+# How long each per-epoch validation took: not a result to compare runs by.
+_TIMINGS = ("validation_runtime", "validation_samples_per_second", "validation_steps_per_second")
 
 
 def swept_params(runs: Sequence[Any]) -> list[str]:
     """Params whose value differs between the runs that have them (a job that failed before
     its stage started has only its overrides)."""
-    # Dotted keys are this project's config (train.learning_rate); the others are what
-    # transformers logs of TrainingArguments, which repeat it or differ per job (output_dir).
+    # Dotted keys are this project's config (train.learning_rate) and what the Trainer resolved
+    # (trainer.*); a sweep parent's own params (search_space) are not dotted.
     keys = sorted({key for run in runs for key in run.data.params if "." in key})
     return [key for key in keys
             if len({run.data.params[key] for run in runs if key in run.data.params}) > 1]
@@ -43,7 +45,7 @@ def comparison_rows(runs: Sequence[Any], params: Sequence[str]) -> list[dict[str
         row.update({tag: run.data.tags[tag] for tag in _ID_TAGS if tag in run.data.tags})
         row.update({key: run.data.params.get(key) for key in params})
         row.update(sorted((k, v) for k, v in run.data.metrics.items()
-                          if k.startswith(SUMMARY_PREFIXES)))
+                          if k.startswith(SUMMARY_PREFIXES) and k not in _TIMINGS))
         rows.append(row)
     return rows
 

@@ -286,11 +286,15 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """``http_*``: the bounds of one request to a tracking server (seconds for ``http_timeout``);
+    """``log_sweep_models``: every sweep job logs its model, not only the sweep's best job;
+    ``system_metrics``: MLflow samples CPU, memory, disk, network (and GPU) use into each run;
+    ``http_*``: the bounds of one request to a tracking server (seconds for ``http_timeout``);
     ``pending_dir``: where runs are recorded while the server is unreachable."""
 
     experiment_name: str
     log_model: bool
+    log_sweep_models: bool
+    system_metrics: bool
     http_max_retries: int
     http_backoff_factor: int
     http_timeout: int

@@ -3,8 +3,8 @@
 When a stage cannot reach the server (``MLFLOW_TRACKING_URI=http...``), at its start or midway,
 it records into a SQLite MLflow store in ``tracking.pending_dir`` (default ``mlruns-pending/``
 in the project) with MLflow's own API, so nothing the stage logs is lost or changed: params,
-tags, every metric value with its step and time, artifacts and the logged model. A run that took
-over midway is tagged with the server run it continues.
+tags, every metric value with its step and time, dataset inputs, artifacts and the logged
+model. A run that took over midway is tagged with the server run it continues.
 
 :func:`sync` sends them: a continuation into the run it continues, a run that found no run of
 its model on the server (evaluate or report while the server was down) into the server's run of
@@ -148,10 +148,12 @@ def describe(client, run) -> str:
     files = sorted(str(p.relative_to(folder)) for folder in [_artifact_dir(run.info.artifact_uri)]
                    if folder.is_dir() for p in folder.rglob("*") if p.is_file())
     models = [m.name for m in _models(client, run)]
+    inputs = [_context(i) for i in run.inputs.dataset_inputs] if run.inputs else []
     continues = run.data.tags.get(CONTINUES_TAG)
     parts = [f"continues server run {continues}" if continues else "",
              f"{len(run.data.params)} params" if run.data.params else "",
              f"{len([t for t in run.data.tags if not t.startswith('mlflow.')])} tags",
+             f"{len(inputs)} dataset inputs ({', '.join(inputs)})" if inputs else "",
              f"{sum(points.values())} metric values ("
              + ", ".join(f"{key} x{count}" for key, count in points.items()) + ")"
              if points else "",
@@ -205,6 +207,8 @@ def _send(local, server, target_uri: str, run) -> str:
                for key in run.data.metrics for m in local.get_metric_history(run.info.run_id, key)]
     for chunk in range(0, len(metrics), _BATCH_METRICS):
         server.log_batch(target, metrics=metrics[chunk:chunk + _BATCH_METRICS])
+    if run.inputs and run.inputs.dataset_inputs:
+        server.log_inputs(target, datasets=run.inputs.dataset_inputs)
     folder = _artifact_dir(run.info.artifact_uri)
     if folder.is_dir() and any(folder.iterdir()):
         server.log_artifacts(target, str(folder))
@@ -238,6 +242,12 @@ def _send_model(server, experiment_id: str, target: str, model) -> None:
         server.log_model_artifacts(made.model_id, str(copy))
     server.finalize_logged_model(made.model_id, "READY")
     server.log_outputs(target, [LoggedModelOutput(made.model_id, step=0)])
+
+
+def _context(dataset_input) -> str:
+    """``<dataset name>/<context>``: how :func:`describe` names a dataset input."""
+    context = next((t.value for t in dataset_input.tags if t.key == "mlflow.data.context"), "")
+    return f"{dataset_input.dataset.name}/{context}" if context else dataset_input.dataset.name
 
 
 def _server_run_of_model(server, experiment_id: str, model_sha: Optional[str]) -> Optional[str]:

@@ -4,6 +4,11 @@ The train stage opens a run and tags it with the SHA-256 of the model it saved. 
 report stages hash the model they read and attach to the run with that tag, so train, evaluate
 and report of one model land in one run without a run id ever being written into a DVC output.
 
+What a run holds: the resolved config as params (plus the few values the Trainer resolved
+that the config does not say, ``trainer.*``), each split of the dataset snapshot as a dataset
+input with its digest, one metric name per quantity (``validation_*`` per epoch and for the kept
+model), system metrics, and a name that says what tells it from the experiment's other runs.
+
 Records stay true under faults: every run names the process that holds it, and the next stage
 ends KILLED the runs a killed process left RUNNING; a tracking server that does not answer never
 stops a stage (its records wait in a local store, see :mod:`pipeline.pending`); values beyond
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -21,7 +27,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -40,6 +46,8 @@ from pipeline.contracts import (
 logger = logging.getLogger(__name__)
 
 MODEL_SHA_TAG = "model_sha256"
+# The optimizer steps the model trained: the step every summary metric is logged at.
+TRAIN_STEPS_TAG = "train_steps"
 DEFAULT_DB = "mlflow.db"
 # Set by the sweep callback (hydra_plugins/mlflow_sweep) in the launching process; launcher
 # workers inherit it, and each job's train run becomes a child of the sweep's parent run.
@@ -296,8 +304,8 @@ def outage_reason(error: BaseException) -> str:
 
 def bound_requests(tracking: TrackingConfig, uri: str) -> None:
     """Bound MLflow's HTTP retries for this process (and its children) by ``tracking.http_*``,
-    unless the environment sets them, and keep urllib3's per-retry warnings about this server
-    quiet: the pipeline reports an outage once."""
+    unless the environment sets them, and keep urllib3's per-retry warnings and MLflow's system
+    metrics thread's failures about this server quiet: the pipeline reports an outage once."""
     for variable, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", tracking.http_max_retries),
                             ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", tracking.http_backoff_factor),
                             ("MLFLOW_HTTP_REQUEST_TIMEOUT", tracking.http_timeout)):
@@ -310,6 +318,27 @@ def bound_requests(tracking: TrackingConfig, uri: str) -> None:
     if not any(isinstance(f, _QuietRetries) and f.host == where.hostname
                for f in pool_logger.filters):
         pool_logger.addFilter(_QuietRetries(where.hostname, port))
+    monitor_logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    if not any(isinstance(f, _QuietMonitor) and f.uri == uri for f in monitor_logger.filters):
+        monitor_logger.addFilter(_QuietMonitor(uri))
+
+
+class _QuietMonitor(logging.Filter):
+    """Drops MLflow's system metrics thread's lines about a server that does not answer.
+
+    The thread logs through its own client, past the stage's guarded writes: it meets an outage
+    on its own, says so in a line that holds MLflow's whole error (and again when the run ends),
+    and stops sampling; the stage's records fail over without it. MLflow words an unreachable
+    server's errors "API request to <url> failed ..."; a server that answers with an error is
+    not matched, so that still shows."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        self.uri = uri
+        self.needle = f"API request to {uri.rstrip('/')}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
 
 
 class _QuietRetries(logging.Filter):
@@ -342,6 +371,7 @@ class _Link:
     pending_dir: Path
     experiment_name: str
     what: str
+    system_metrics: bool = False
     run_name: str = ""
     server_run_id: Optional[str] = None
     pending_run_id: Optional[str] = None
@@ -373,7 +403,8 @@ def _connect(cfg: PipelineConfig, what: str) -> tuple[_Link, str]:
     earlier stages kept in the pending store), else in the pending store."""
     from pipeline import pending
 
-    link = _Link(tracking_uri(), _pending_dir(cfg.tracking), cfg.tracking.experiment_name, what)
+    link = _Link(tracking_uri(), _pending_dir(cfg.tracking), cfg.tracking.experiment_name, what,
+                 cfg.tracking.system_metrics)
     if not link.remote:
         return link, set_experiment(link.experiment_name, link.server_uri)
     bound_requests(cfg.tracking, link.server_uri)
@@ -405,7 +436,8 @@ def _fail_over(link: _Link, error: BaseException) -> None:
     experiment_id = _go_offline(link, error, "during the run")
     run = mlflow.start_run(experiment_id=experiment_id, run_name=link.run_name, nested=True,
                            tags={pending.CONTINUES_TAG: link.server_run_id or "",
-                                 **process_tags()})
+                                 **process_tags()},
+                           log_system_metrics=link.system_metrics)
     link.pending_run_id = run.info.run_id
 
 
@@ -440,6 +472,13 @@ def ensure_reachable() -> None:
         _fail_over(link, error)
 
 
+def run_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as MLflow params: every key but ``paths.*``, which say where files go, never
+    what a run is (they stay in the ``config/params.yaml`` artifact with the rest)."""
+    return {key: value for key, value in to_flat_dict(cfg).items()
+            if not key.startswith("paths.")}
+
+
 def record_params(params: dict[str, Any], where: str = "") -> list[str]:
     """Log ``params`` cut to MLflow's limits (see :func:`loggable`); MLflow's client splits them
     into batches it accepts. Returns the keys that were cut."""
@@ -460,6 +499,56 @@ def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
     _guarded(lambda: mlflow.log_metrics(metrics, step=step, timestamp=now))
 
 
+def log_dataset_inputs(raw_dir: str) -> None:
+    """Each split of the dataset snapshot as a dataset input of the run, named after the
+    snapshot's dataset, ``context`` the split (``train``, ``validation``, ``test``): what the
+    MLflow UI's Datasets column shows and ``dataset.context`` searches. MLflow's digest is the
+    first 16 hex digits of the split file's SHA-256 (MLflow takes at most 36 characters), the
+    input tag ``sha256`` all of it, ``rows`` the row count (from the parquet footer). No row is
+    loaded: MLflow's own dataset classes would load and hash up to 10,000 rows instead."""
+    import warnings
+
+    import mlflow
+    import pyarrow.parquet as pq
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    name = str(load_raw_manifest(raw_dir).get("name", Path(raw_dir).name))
+    datasets, contexts, tags = [], [], []
+    for file in sorted(Path(raw_dir).glob("*.parquet")):
+        sha256 = hash_path(file)
+        footer = pq.read_metadata(file)
+        with warnings.catch_warnings():  # a path is a "" and a "file" URI alike: the same class
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(file))
+        datasets.append(MetaDataset(source, name=name, digest=sha256[:16],
+                                    schema=_mlflow_schema(footer.schema.to_arrow_schema())))
+        contexts.append(file.stem)
+        tags.append({"sha256": sha256, "rows": str(footer.num_rows)})
+    if datasets:
+        _guarded(lambda: mlflow.log_inputs(datasets, contexts=contexts, tags_list=tags))
+
+
+def _mlflow_schema(arrow_schema) -> Any:
+    """The snapshot's columns as an MLflow schema (a type it has no name for shows as string)."""
+    import pyarrow as pa
+    from mlflow.types import ColSpec, DataType, Schema
+
+    def kind(arrow_type) -> DataType:
+        for test, data_type in ((pa.types.is_string, DataType.string),
+                                (pa.types.is_large_string, DataType.string),
+                                (pa.types.is_int64, DataType.long),
+                                (pa.types.is_integer, DataType.integer),
+                                (pa.types.is_float32, DataType.float),
+                                (pa.types.is_floating, DataType.double),
+                                (pa.types.is_boolean, DataType.boolean)):
+            if test(arrow_type):
+                return data_type
+        return DataType.string
+
+    return Schema([ColSpec(kind(field.type), field.name) for field in arrow_schema])
+
+
 def log_artifact(path: str, artifact_path: Optional[str] = None) -> None:
     """``mlflow.log_artifact`` (a file) or ``log_artifacts`` (a folder), surviving an outage."""
     import mlflow
@@ -477,11 +566,37 @@ def set_tags(tags: dict[str, Any]) -> None:
     _guarded(lambda: mlflow.set_tags(loggable_tags(tags)))
 
 
+def trainer_params(arguments: dict[str, Any]) -> dict[str, Any]:
+    """What the Trainer was given that the config does not say, as ``trainer.*`` params: the
+    effective batch (per device x gradient accumulation x processes), the optimizer, gradient
+    clipping and the precision ``train.precision=auto`` resolved to. The rest of
+    ``TrainingArguments`` repeats the config or is fixed by the code."""
+    accumulation = int(arguments["gradient_accumulation_steps"])
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    precision = "bf16" if arguments["bf16"] else "fp16" if arguments["fp16"] else "fp32"
+    return {"trainer.effective_batch_size":
+            int(arguments["per_device_train_batch_size"]) * accumulation * processes,
+            "trainer.gradient_accumulation_steps": accumulation,
+            "trainer.optim": str(arguments["optim"]),
+            "trainer.max_grad_norm": arguments["max_grad_norm"],
+            "trainer.precision": precision}
+
+
+def metric_name(key: str) -> str:
+    """One name per quantity: the Trainer's ``eval_<metric>`` is the validation split's, logged as
+    ``validation_<metric>`` like the kept model's score (train) and the evaluate stage's."""
+    return f"validation_{key.removeprefix('eval_')}" if key.startswith("eval_") else key
+
+
 class _Mlflow:
     """The ``mlflow`` module as transformers' MLflowCallback calls it, with its writes going
     through this module: synchronous (MLflow's asynchronous logging fails in a background
     thread, with an error line per batch, where nothing can keep the values), cut to MLflow's
-    limits instead of dropped, and surviving an outage."""
+    limits instead of dropped, and surviving an outage.
+
+    Of the params (every ``TrainingArguments`` field and the model's config, about 200) only
+    :func:`trainer_params` are kept: the run's params are the resolved config. Metrics keep one
+    name per quantity (:func:`metric_name`)."""
 
     def __getattr__(self, name: str) -> Any:
         import mlflow
@@ -489,11 +604,11 @@ class _Mlflow:
         return getattr(mlflow, name)
 
     def log_params(self, params: dict[str, Any], synchronous: Optional[bool] = None) -> None:
-        record_params(params)
+        record_params(trainer_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None,
                     synchronous: Optional[bool] = None) -> None:
-        log_metrics(metrics, step)
+        log_metrics({metric_name(key): value for key, value in metrics.items()}, step)
 
     def set_tags(self, tags: dict[str, Any], synchronous: Optional[bool] = None) -> None:
         set_tags(tags)
@@ -556,13 +671,15 @@ def _open_run(stage: str, cfg: PipelineConfig, link: _Link, experiment_id: str, 
         # Before the run turns RUNNING again: another process reconciling in between must see
         # this live process, not the one that held the run before.
         mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id)
+        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
+                               log_system_metrics=link.system_metrics)
     else:
         if offline and parent_run_id:
             # The parent is on the server; the pending store cannot check it, the sync keeps it.
             tags["mlflow.parentRunId"], parent_run_id = parent_run_id, None
         run = mlflow.start_run(experiment_id=experiment_id, parent_run_id=parent_run_id,
-                               run_name=run_name or stage, tags=tags)
+                               run_name=run_name or stage, tags=tags,
+                               log_system_metrics=link.system_metrics)
     link.run_name = run.info.run_name
     if offline:
         link.pending_run_id = run.info.run_id
@@ -582,7 +699,7 @@ def _open_run(stage: str, cfg: PipelineConfig, link: _Link, experiment_id: str, 
                 tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         set_tags(tags)
         if log_params and record_params(
-                to_flat_dict(cfg), where="; the whole config is the artifact config/params.yaml"):
+                run_params(cfg), where="; the whole config is the artifact config/params.yaml"):
             log_config(cfg)
         if not offline:
             try:
@@ -643,10 +760,45 @@ def _append_stage(run, stage: str) -> str:
     return ",".join([s for s in done.split(",") if s and s != stage] + [stage])
 
 
-def run_name(cfg: PipelineConfig) -> str:
-    """``<model>-<dataset>``: the name of the run that follows one trained model."""
+def run_name(cfg: PipelineConfig, overrides: Sequence[str] = (),
+             job: Optional[int] = None) -> str:
+    """The name of the run that follows one trained model, saying what tells it from the other
+    runs of its experiment: a sweep job's number and overrides (``job3 train.learning_rate=1e-4``);
+    else under ``dvc exp run`` the DVC experiment's name; else ``<model>-<dataset>`` and the
+    command line's overrides, or without any (``dvc repro``) a short hash of the config, which
+    runs of the same config share."""
+    if job is not None:
+        return shorten(" ".join([f"job{job}", *overrides]))
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
     cfg = unguarded(cfg)
-    return f"{cfg.model.name}-{cfg.dataset.name}"
+    name = f"{cfg.model.name}-{cfg.dataset.name}"
+    if overrides:
+        return shorten(" ".join([name, *overrides]))
+    return f"{name}-{_config_digest(cfg)[:6]}"
+
+
+def _config_digest(cfg: PipelineConfig) -> str:
+    """SHA-256 of the resolved config's values that can change an output (not ``tracking.*`` or
+    ``runtime.*``)."""
+    values = {key: value for key, value in to_flat_dict(unguarded(cfg)).items()
+              if not key.startswith(("tracking.", "runtime."))}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def shorten(name: str, limit: int = 250) -> str:
+    """A run name short enough to read in the MLflow UI's run list (MLflow would take 8000
+    characters)."""
+    return name if len(name) <= limit else name[:limit - 3] + "..."
+
+
+def last_train_step(run) -> int:
+    """The optimizer steps the run's model trained (0 when unknown): summary metrics are logged
+    at that step, after the per-epoch values, so each metric's latest value is the model's."""
+    try:
+        return int(run.data.tags.get(TRAIN_STEPS_TAG, 0))
+    except ValueError:
+        return 0
 
 
 @contextlib.contextmanager
@@ -673,16 +825,17 @@ def model_run(stage: str, cfg: PipelineConfig, model_sha: str) -> Iterator[Any]:
         yield run
 
 
-def log_metrics_by_split(metrics: dict[str, Any]) -> None:
-    """``{"test": {"accuracy": .9}}`` -> MLflow metrics ``test_accuracy`` and so on; a value
-    that is not a finite number (an undefined correlation) is not logged as one."""
+def log_metrics_by_split(metrics: dict[str, Any], step: int = 0) -> None:
+    """``{"test": {"accuracy": .9}}`` -> MLflow metrics ``test_accuracy`` and so on, at ``step``
+    (see :func:`last_train_step`); a value that is not a finite number (an undefined
+    correlation) is not logged as one."""
     import mlflow
 
     flat = {f"{split}_{name}": value
             for split, values in metrics.items() if isinstance(values, dict)
             for name, value in values.items()
             if isinstance(value, (int, float)) and math.isfinite(value)}
-    _guarded(lambda: mlflow.log_metrics(flat))
+    _guarded(lambda: mlflow.log_metrics(flat, step=step))
 
 
 def lineage_tags(raw_dir: str, pretrained_dir: str, tokenized_dir: str) -> dict[str, str]:
@@ -710,20 +863,30 @@ def input_example(raw_dir: str, rows: int = 2) -> list[dict[str, str]]:
     return [{c: row[c][:500] for c in columns} for row in split]
 
 
-def log_model(model_dir: str, input_example: list[dict[str, str]]) -> None:
+def log_model(model_dir: str, input_example: list[dict[str, str]],
+              run_id: Optional[str] = None) -> None:
     """Log the trained model as an MLflow python model (``pipeline/serving.py``) that
-    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load with this package."""
+    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load with this package, into the
+    active run or the finished run ``run_id`` (a sweep's best job; its experiment becomes the
+    active one, where MLflow files a model logged without an active run)."""
     import importlib.metadata
 
     import mlflow
     import pandas as pd
+    from mlflow.models import Model
 
+    if run_id is not None:
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id)
+                              .info.experiment_id)
     package = Path(__file__).resolve().parent
     # Explicit requirements: MLflow's guesses assume torchvision, which this stack never uses.
     requirements = [f"{name}=={importlib.metadata.version(name)}"
                     for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors",
                                  "numpy", "pandas")]
-    _guarded(lambda: mlflow.pyfunc.log_model(
+    _guarded(lambda: Model.log(
+        artifact_path=None,
+        run_id=run_id,
+        flavor=mlflow.pyfunc,
         name="model",
         python_model=str(package / "serving.py"),
         artifacts={"model": str(Path(model_dir).resolve())},

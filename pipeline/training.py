@@ -15,6 +15,7 @@ import numbers
 import os
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -278,10 +279,12 @@ def _mlflow_callback():
         to overwrite them with the next phase's values, which MLflow refuses), and the step and
         epoch offsets keep phase 2's curves after phase 1's instead of on top of them.
 
-        Its writes go through ``pipeline.tracking`` (:func:`tracking.callback_mlflow`): values
-        beyond MLflow's limits (a 2000-class ``id2label``) are cut with a marker instead of
-        dropped with a warning that prints them whole, and a tracking server that stops
-        answering moves the run to the pending store instead of stopping training.
+        Its writes go through ``pipeline.tracking`` (:func:`tracking.callback_mlflow`), which
+        keeps of its params only what the config does not say, logs ``eval_*`` as
+        ``validation_*``, cuts values beyond MLflow's limits with a marker instead of dropping
+        them with a warning that prints them whole, and moves the run to the pending store
+        when the tracking server stops answering instead of stopping training. Its params come
+        in one call, so that they can be picked from all of them.
         """
 
         step_offset = 0
@@ -291,6 +294,7 @@ def _mlflow_callback():
             super().__init__()
             self._ml_flow = tracking.callback_mlflow()
             self._MAX_PARAM_VAL_LENGTH = float("inf")  # tracking cuts them instead
+            self._MAX_PARAMS_TAGS_PER_BATCH = sys.maxsize
 
         def on_train_end(self, args, state, control, **kwargs):
             super().on_train_end(args, state, control, **kwargs)
@@ -642,11 +646,12 @@ def _write_tsv(path: Path, header: Sequence[str], rows: list[list[Any]]) -> None
 
 
 def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, work_dir: str,
-                     curves_dir: str, run_name_suffix: str = "",
+                     curves_dir: str, run_name: str, log_model: bool,
                      tags: Optional[dict[str, str]] = None) -> dict[str, float]:
     """The train stage: train by :func:`train_model` into ``model_dir`` inside one MLflow run
-    (rank 0 only) that holds the config, the lineage of data and pretrained weights, the curves,
-    the validation metrics and the model; the curves also go to ``curves_dir`` for ``dvc plots``
+    (rank 0 only) named ``run_name`` that holds the config, the lineage of data and pretrained
+    weights with the dataset's splits as inputs, the curves, the validation metrics and, with
+    ``log_model``, the model; the curves also go to ``curves_dir`` for ``dvc plots``
     (:func:`write_curves`). Returns the best checkpoint's validation metrics (what a sweeper
     optimises)."""
     paths = cfg.paths
@@ -657,19 +662,24 @@ def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, 
     if not is_main_process():
         return fit(log_to_mlflow=False).eval_metrics
     with tracking.stage_run("train", cfg, parent_run_id=os.environ.get(tracking.SWEEP_PARENT_ENV),
-                            run_name=tracking.run_name(cfg) + run_name_suffix, log_params=True):
+                            run_name=run_name, log_params=True):
         tracking.set_tags({**tracking.lineage_tags(paths.raw_dir, paths.pretrained_dir,
                                                    paths.tokenized_dir),
                            "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
+        tracking.log_dataset_inputs(paths.raw_dir)
         tracking.log_config(cfg)
         result = fit(log_to_mlflow=True)
         write_curves(result.history, curves_dir)
+        steps = max((entry["step"] for entry in result.history), default=0)
         tracking.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir),
+                           tracking.TRAIN_STEPS_TAG: str(steps),
                            "device": result.device, "precision": result.precision,
                            "precision_reason": result.precision_reason})
-        # MLflow would store NaN or infinity as a number: such a value is left out.
+        # The kept (best) checkpoint's, after the per-epoch values at the last step: what the
+        # runs table and a sweep compare. MLflow would store NaN or infinity as a number: such
+        # a value is left out.
         tracking.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()
-                              if isinstance(v, (int, float)) and math.isfinite(v)})
-        if cfg.tracking.log_model:
+                              if isinstance(v, (int, float)) and math.isfinite(v)}, step=steps)
+        if log_model:
             tracking.log_model(model_dir, tracking.input_example(paths.raw_dir))
     return result.eval_metrics

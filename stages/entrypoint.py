@@ -44,6 +44,11 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def command_line_overrides() -> list[str]:
+    """This run's (or sweep job's) overrides of params.yaml values (none under DVC)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def job_dir() -> Path:
     """This Hydra job's own output folder (multirun jobs write there, never to DVC outs)."""
     return Path(HydraConfig.get().runtime.output_dir)

@@ -14,7 +14,7 @@ PARAMS = ["eval", "dataset.main_metric", "dataset.metrics", "dataset.submission_
 def evaluate(cfg: PipelineConfig) -> None:
     paths = cfg.paths
     log_inputs(paths.model_dir, paths.raw_dir, paths.tokenized_dir)
-    with tracking.model_run("evaluate", cfg, hash_path(paths.model_dir)):
+    with tracking.model_run("evaluate", cfg, hash_path(paths.model_dir)) as run:
         data = cfg.dataset
         metrics = evaluate_model(paths.model_dir, paths.raw_dir, paths.tokenized_dir,
                                  paths.metrics_path, paths.predictions_dir, paths.confusion_path,
@@ -23,11 +23,12 @@ def evaluate(cfg: PipelineConfig) -> None:
                                  submission_name=data.submission_name,
                                  submission_labels=data.submission_labels,
                                  quantize=cfg.eval.quantize, precision=cfg.eval.precision)
-        tracking.log_metrics_by_split(metrics)
+        step = tracking.last_train_step(run)
+        tracking.log_metrics_by_split(metrics, step)
         primary = metrics["primary_split"]
         if "quantization" in metrics[primary]:
             tracking.log_metrics_by_split({f"{primary}_quantization":
-                                           metrics[primary]["quantization"]})
+                                           metrics[primary]["quantization"]}, step)
         tracking.log_artifact(paths.metrics_path)
         tracking.log_artifact(paths.predictions_dir, artifact_path="predictions")
 

@@ -125,8 +125,8 @@ def test_multirun_gives_one_child_run_per_job_under_a_parent(project):
     before = run([dvc_executable(), "status", "--json"], root, env=env).stdout
     # params.yaml now says 2e-3 (see the test above), so `dvc repro` trained that model in a
     # process of its own; the sweep trains it again as its second job, after another one.
-    done = run(["python", "-m", "stages.train", "-m", "train.learning_rate=3e-3,2e-3"], root,
-               env=env)
+    done = run(["python", "-m", "stages.train", "-m", "train.learning_rate=3e-3,2e-3",
+                "tracking.log_sweep_models=true"], root, env=env)
     client, runs = _runs(root)
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert len(parents) == 1, done.stdout
@@ -139,6 +139,9 @@ def test_multirun_gives_one_child_run_per_job_under_a_parent(project):
     assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "2"
     assert parent.data.tags["launcher"] == "BasicLauncher"
     assert "train.learning_rate=3e-3,2e-3" in parent.data.params["search_space"]
+    assert all(client.search_logged_models([parent.info.experiment_id],
+                                           filter_string=f"source_run_id = '{c.info.run_id}'")
+               for c in children), "asked to, every job logs its model"
     repro_run = next(r for r in runs if r.data.params.get("train.learning_rate") == "0.002"
                      and "mlflow.parentRunId" not in r.data.tags and "sweep" not in r.data.tags)
     assert children[1].data.tags["model_sha256"] == repro_run.data.tags["model_sha256"], \
@@ -254,6 +257,12 @@ def test_temp_experiment_reports_to_the_project_database(project, tiny_corpus, t
     _, runs = _runs(root)
     temp_runs = [r for r in runs if r.data.tags.get("dvc_exp_name") == "tiny-temp"]
     assert len(temp_runs) == 1 and temp_runs[0].info.status == "FINISHED"
+    # Named after the DVC experiment; runs of `dvc repro` after another config, not alike.
+    assert temp_runs[0].info.run_name == "tiny-temp"
+    repro = [r for r in runs if "dvc_exp_name" not in r.data.tags
+             and "mlflow.parentRunId" not in r.data.tags and "sweep" not in r.data.tags]
+    names = {r.data.params["train.learning_rate"]: r.info.run_name for r in repro}
+    assert len(set(names.values())) == len(names) and "tiny-temp" not in names.values(), names
     assert temp_runs[0].data.tags["stages"] == "train,evaluate,report"
     shown = run([dvc_executable(), "exp", "show", "--json"], root, env=env).stdout
     assert "tiny-temp" in shown

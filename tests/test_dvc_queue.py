@@ -104,6 +104,7 @@ def test_queued_experiments_switch_model_and_learning_rate(tmp_path, tiny_corpus
     for mlflow_run in runs:
         exp = experiments[mlflow_run.data.tags["dvc_exp_name"]]
         assert mlflow_run.info.status == "FINISHED"
+        assert mlflow_run.info.run_name == mlflow_run.data.tags["dvc_exp_name"]
         assert mlflow_run.data.tags["stages"] == "train,evaluate,report"
         assert mlflow_run.data.params["model.name"] == exp["params"]["model"]["name"]
         assert mlflow_run.data.metrics["test_accuracy"] == exp["metrics"]["test"]["accuracy"]

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from support import PROJECT, compose_params, make_project, run
+from support import PROJECT, compose_params, make_project, run, subprocess_env
 
 STAGES = ["download", "tokenize", "train", "evaluate", "report"]
 
@@ -112,3 +112,37 @@ def test_startup_bench_reaches_a_stage_first_work_through_its_entrypoint():
     command = [sys.executable, "-c", startup._PROBE, "report", *startup.HEAVY["report"]]
     assert 0 < startup._seconds_to_first_work(command, PROJECT) < 600
     assert "cores" in startup.cpu_name()
+
+
+# Where MLflow finds itself in CI or a test, it sends nothing whatever the setting (this test
+# runs in both): the probes run without these, as on a user's machine.
+CI_VARIABLES = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI",
+                "JENKINS_URL", "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER",
+                "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION",
+                "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID", "DO_NOT_TRACK")
+TELEMETRY_PROBE = """
+import importlib, sys
+importlib.import_module(sys.argv[1])
+import mlflow
+from mlflow.telemetry import get_telemetry_client
+from mlflow.telemetry.utils import _is_ci_env_or_testing
+print(_is_ci_env_or_testing(), get_telemetry_client() is not None)
+"""
+
+
+@pytest.mark.parametrize("entry_point", ["stages.train", "pipeline.commands",
+                                         "hydra_plugins.mlflow_sweep.callback"])
+def test_mlflow_telemetry_is_off_in_our_processes_unless_the_user_turns_it_on(entry_point,
+                                                                               tmp_path):
+    """A stage, the hf-text-pipeline command and the sweep plugin (which Hydra imports before a
+    sweep's first MLflow call) each import the pipeline package before MLflow, which turns
+    telemetry off at import; MLFLOW_DISABLE_TELEMETRY=false set by the user is left alone."""
+    env = subprocess_env(MLFLOW_DISABLE_TELEMETRY=None, HOME=str(tmp_path),
+                         XDG_CONFIG_HOME=str(tmp_path), **dict.fromkeys(CI_VARIABLES))
+    done = run([sys.executable, "-c", TELEMETRY_PROBE, entry_point], PROJECT, env=env,
+               timeout=120)
+    assert done.stdout.split() == ["False", "False"], "(in CI?, telemetry on?)"
+    opted_in = run([sys.executable, "-c", "import os, pipeline; "
+                    "print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"], PROJECT,
+                   env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, timeout=60)
+    assert opted_in.stdout.strip() == "false"

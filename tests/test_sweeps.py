@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -77,7 +78,7 @@ def _sweep(root: Path, env: dict, *overrides: str, check: bool = True):
 def joblib_sweep(project):
     root, env = project
     return _sweep(root, env, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
-                  f"train.learning_rate={','.join(LEARNING_RATES)}")
+                  f"train.learning_rate={','.join(LEARNING_RATES)}", "tracking.log_model=true")
 
 
 def test_joblib_sweep_runs_four_jobs_in_parallel_as_children_of_one_parent(project, joblib_sweep):
@@ -115,6 +116,29 @@ def test_sweep_parent_names_the_best_child_and_logs_the_comparison(project, jobl
     assert rows[0]["run_id"] == best.info.run_id, "best first"
     assert {float(r["train.learning_rate"]) for r in rows} == {float(lr) for lr in LEARNING_RATES}
     assert {"validation_accuracy", "validation_loss", "status"} <= set(rows[0])
+
+
+def test_runs_are_named_after_the_sweep_and_only_the_best_job_logs_its_model(project,
+                                                                            joblib_sweep):
+    """Before: every child named tiny_bert-tiny_sentiment-job<N>, the parent sweep-entrypoint,
+    and every job logged a copy of its model (tracking.log_sweep_models is false here)."""
+    root, _ = project
+    _, client, parent, children = joblib_sweep
+    assert parent.info.run_name == (f"sweep train.learning_rate={','.join(LEARNING_RATES)} "
+                                    "tracking.log_model=true")
+    assert [c.info.run_name for c in children] == [  # each job's overrides as Hydra gives them
+        f"job{num} train.learning_rate={float(lr)} tracking.log_model=True"
+        for num, lr in enumerate(LEARNING_RATES)]
+    with_model = [c.info.run_id for c in children if client.search_logged_models(
+        [parent.info.experiment_id], filter_string=f"source_run_id = '{c.info.run_id}'")]
+    assert with_model == [parent.data.tags["best_run_id"]]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{with_model[0]}/model")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert model.predict(pd.DataFrame({"text": ["the film was great"]}))[0]["label"] in \
+        {"negative", "positive"}
 
 
 def test_compare_command_rebuilds_the_comparison(project, joblib_sweep, tmp_path):
@@ -160,7 +184,7 @@ def test_a_job_failing_inside_its_run_gets_the_error_on_that_run(project):
                                        check=False)
     assert done.returncode != 0
     assert len(children) == 1 and children[0].info.status == "FAILED"
-    assert children[0].info.run_name == "tiny_bert-tiny_sentiment-job0"
+    assert children[0].info.run_name == "job0 train.metric_for_best_model=nope"
     assert "train.metric_for_best_model=nope" in children[0].data.tags["error"]
     assert parent.info.status == "FAILED" and parent.data.tags["jobs"] == "1"
 

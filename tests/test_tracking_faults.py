@@ -121,10 +121,11 @@ def test_a_killed_run_is_ended_killed_by_the_next_stage_run_and_live_runs_are_le
 
 def test_params_beyond_mlflow_limits_are_logged_cut_and_training_records_its_run(
         tmp_path, tiny_corpus, tiny_checkpoint):
-    """2000 long label names: the dataset.label_names param (and transformers' id2label and
-    label2id) exceed MLflow's 6000-character value limit; the run is still recorded in the
-    default SQLite store, those values cut with a marker, the whole config in
-    config/params.yaml; 250 more params go in batches MLflow accepts, a too-long key is cut."""
+    """2000 long label names: the dataset.label_names param exceeds MLflow's 6000-character
+    value limit; the run is still recorded in the default SQLite store, the value cut with a
+    marker, the whole config in config/params.yaml (the model config's id2label, which
+    transformers' callback would log, is not a param); 250 more params go in batches MLflow
+    accepts, a too-long key is cut."""
     from pipeline.tracking import record_params
 
     names = ["negative", "positive"] + [f"a long and descriptive label name {i:04d}"
@@ -140,8 +141,7 @@ def test_params_beyond_mlflow_limits_are_logged_cut_and_training_records_its_run
         f" ...[truncated: {len(str(names))} characters; the whole config is the artifact "
         "config/params.yaml]")
     assert params["dataset.label_names"].startswith(str(names)[:5000])
-    assert "truncated" in params["id2label"] and len(params["id2label"]) <= 6000
-    assert "learning_rate" in params  # transformers' own params
+    assert not {"id2label", "label2id", "learning_rate"} & set(params)
     assert len(run.data.metrics) > 3 and "validation_accuracy" in run.data.metrics
     config = yaml.safe_load(mlflow.artifacts.load_text(
         f"{run.info.artifact_uri}/config/params.yaml"))
@@ -206,16 +206,21 @@ def _outage_lines(caplog) -> list[str]:
 
 
 def _assert_complete(client, run_id: str, history_path: Path) -> None:
-    """The server run holds every value the training history holds, step for step."""
+    """The server run holds every value the training history holds, step for step, and the
+    dataset's splits as inputs."""
     run = client.get_run(run_id)
     history = json.loads(history_path.read_text())
     losses = sorted(h["step"] for h in history if "loss" in h)
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == losses
-    evals = sorted(h["step"] for h in history if "eval_loss" in h)
-    assert sorted(m.step for m in client.get_metric_history(run_id, "eval_loss")) == evals
+    evals = sorted(h["step"] for h in history if "eval_loss" in h)  # then the kept model's
+    assert sorted(m.step for m in client.get_metric_history(run_id, "validation_loss")) == \
+        evals + [int(run.data.tags["train_steps"])]
     assert "validation_accuracy" in run.data.metrics
-    assert {"train.learning_rate", "learning_rate"} <= set(run.data.params)
+    assert {"train.learning_rate", "trainer.optim"} <= set(run.data.params)
     assert MODEL_SHA_TAG in run.data.tags and "dataset_sha256" in run.data.tags
+    contexts = [tag.value for given in run.inputs.dataset_inputs for tag in given.tags
+                if tag.key == "mlflow.data.context"]
+    assert sorted(contexts) == ["test", "train", "validation"]
     files = {a.path for a in client.list_artifacts(run_id, "config")}
     assert files == {"config/params.yaml"}
     models = client.search_logged_models([run.info.experiment_id],
@@ -270,23 +275,42 @@ class ServerOutage:
             self.server.start()
 
 
+class _MlflowLines(logging.Handler):
+    """MLflow's own warnings: its loggers do not propagate to pytest's caplog."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
+
+
 def test_server_dying_mid_training_and_coming_back_loses_nothing(
         server, tmp_path, tiny_corpus, tiny_checkpoint, caplog, monkeypatch):
     """The server dies after step 2 of 12 and is back after epoch 1: training goes on and
-    finishes, the outage is one warning (not one per step), the steps logged meanwhile wait in
-    the pending store, and at the end of the stage they are in the same server run: every
-    step's loss, the evaluations, the model, FINISHED; nothing is left pending."""
+    finishes, the outage is one warning (not one per step, and none from MLflow's system
+    metrics thread, which samples every 0.2 s here), the steps logged meanwhile wait in the
+    pending store, and at the end of the stage they are in the same server run: every step's
+    loss, the evaluations, the model, FINISHED; nothing is left pending."""
     cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint)
     run_stages(cfg, "download", "tokenize")
     server.start()
     monkeypatch.setattr(training, "train_model", functools.partial(
         training.train_model, callbacks=[ServerOutage(server, kill_at=2, back_after=1)]))
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     caplog.set_level(logging.INFO)
-    run_stages(cfg, "train")
+    mlflow_lines = _MlflowLines()
+    logging.getLogger("mlflow").addHandler(mlflow_lines)
+    try:
+        run_stages(cfg, "train")
+    finally:
+        logging.getLogger("mlflow").removeHandler(mlflow_lines)
     assert Path(cfg.paths.model_dir, "model.safetensors").is_file()
     assert len(_outage_lines(caplog)) == 1, _outage_lines(caplog)
     assert "during the run (connection refused)" in _outage_lines(caplog)[0]
     assert not [r for r in caplog.records if r.name.startswith("urllib3")]
+    assert not [line for line in mlflow_lines.lines if server.uri in line], mlflow_lines.lines
     client = mlflow.MlflowClient(server.uri)
     run, = client.search_runs([client.get_experiment_by_name("tiny_sentiment").experiment_id])
     assert run.info.status == "FINISHED"
@@ -295,17 +319,26 @@ def test_server_dying_mid_training_and_coming_back_loses_nothing(
     assert not pending_runs(Path(cfg.tracking.pending_dir))
 
 
+def _inputs(run) -> set[tuple]:
+    return {(given.dataset.name, given.dataset.digest, given.dataset.source,
+             tuple(sorted((tag.key, tag.value) for tag in given.tags)))
+            for given in run.inputs.dataset_inputs}
+
+
 def test_sync_command_lists_exactly_what_waits_and_sends_it(
         server, tmp_path, tiny_corpus, tiny_checkpoint, capsys):
     """A stage run kept locally (the server never answered) is listed by `hf-text-pipeline
-    sync --list` with each metric's number of values and each artifact, then sent by `sync`
-    with every value at its step, its artifact and its status."""
+    sync --list` with each metric's number of values, its dataset inputs and each artifact,
+    then sent by `sync` with every value at its step, its inputs, its artifact and its
+    status."""
     from pipeline.commands import main as command
-    from pipeline.tracking import log_metrics
+    from pipeline.tracking import log_dataset_inputs, log_metrics
 
     cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint)
+    run_stages(cfg, "download")
     (tmp_path / "note.txt").write_text("kept")
     with stage_run("train", cfg, log_params=True) as run:
+        log_dataset_inputs(cfg.paths.raw_dir)
         for step in range(1, 6):
             log_metrics({"loss": 1.0 / step}, step=step)
         mlflow.log_artifact(str(tmp_path / "note.txt"), artifact_path="notes")
@@ -315,7 +348,10 @@ def test_sync_command_lists_exactly_what_waits_and_sends_it(
     listed = capsys.readouterr().out
     assert f"{run.info.run_id}  train:" in listed and "loss x5" in listed
     assert "notes/note.txt" in listed and "1 runs wait" in listed
+    assert "3 dataset inputs (tiny_sentiment/test, tiny_sentiment/train, " \
+           "tiny_sentiment/validation)" in listed
 
+    kept = _inputs(pending_runs(Path(folder))[0])
     target = f"sqlite:///{tmp_path / 'target.db'}"  # any MLflow store; the server is down here
     assert command(["sync", "--pending-dir", folder, "--tracking-uri", target]) == 0
     assert "sent 1 runs" in capsys.readouterr().out
@@ -327,6 +363,7 @@ def test_sync_command_lists_exactly_what_waits_and_sends_it(
     assert sent.data.params["train.learning_rate"] == "0.001"
     assert sent.info.start_time == run.info.start_time
     assert [a.path for a in client.list_artifacts(sent.info.run_id, "notes")] == ["notes/note.txt"]
+    assert len(kept) == 3 and _inputs(sent) == kept
     assert command(["sync", "--pending-dir", folder, "--tracking-uri", target]) == 0
     assert "nothing waits" in capsys.readouterr().out
 
@@ -381,6 +418,9 @@ def test_a_sweep_parent_names_its_process_and_a_long_search_space_is_cut(
     try:
         parent = mlflow.MlflowClient().get_run(callback.run_id)
         assert parent.info.status == "RUNNING"
+        # Named after the sweep (before: "sweep-train", as every sweep of the stage).
+        assert parent.info.run_name.startswith("sweep train.learning_rate=0e-6,1e-6,2e-6,")
+        assert len(parent.info.run_name) == 250
         assert parent.data.tags[PID_TAG] == str(os.getpid())
         assert parent.data.params["search_space"].endswith(
             f"...[truncated: {len('train.learning_rate=' + values)} characters]")

@@ -32,14 +32,16 @@ COMPARISON_DIR = "comparison"
 class MlflowSweepCallback(Callback):
     """Opens one MLflow parent run per Hydra multirun; each job's run is its child.
 
-    The parent records the search space, the number of jobs, the failed ones, the best child
-    and its metric, and a comparison of all children (table and plot). It ends FAILED if any
-    job failed. Hydra skips ``on_multirun_end`` when a job failed (the sweeper raises its
-    error), so the parent is also finished at interpreter exit. The parent is tagged with the
-    launching process, so a killed sweep's parent is ended KILLED like any run (see
-    ``pipeline.tracking.reconcile_dead_runs``). With the tracking server unreachable the sweep
-    goes on without a parent (each job keeps its own run until it can be sent, see
-    ``pipeline/pending.py``), and the summary comes from the jobs' ``job.json`` records.
+    The parent, named after the search space, records it, the number of jobs, the failed ones,
+    the best child and its metric, and a comparison of all children (table and plot); the best
+    child gets its model logged (``tracking.log_model``), which the other children log only
+    with ``tracking.log_sweep_models``. It ends FAILED if any job failed. Hydra skips
+    ``on_multirun_end`` when a job failed (the sweeper raises its error), so the parent is also
+    finished at interpreter exit. The parent is tagged with the launching process, so a killed
+    sweep's parent is ended KILLED like any run (see ``pipeline.tracking.reconcile_dead_runs``).
+    With the tracking server unreachable the sweep goes on without a parent (each job keeps its
+    own run until it can be sent, see ``pipeline/pending.py``), and the summary comes from the
+    jobs' ``job.json`` records.
     """
 
     def __init__(self) -> None:
@@ -47,6 +49,8 @@ class MlflowSweepCallback(Callback):
         self.tracking_uri: str | None = None
         self.sweep_dir: Path | None = None
         self.main_metric = "accuracy"
+        self.log_best_model = False
+        self.raw_dir = ""
 
     # -- launching process -------------------------------------------------------------------
 
@@ -71,6 +75,8 @@ class MlflowSweepCallback(Callback):
             bound_requests(load_section(config, "tracking", TrackingConfig), self.tracking_uri)
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
         self.main_metric = config.dataset.main_metric
+        self.log_best_model = bool(config.tracking.log_model)
+        self.raw_dir = str(config.paths.raw_dir)
         tags = {"sweep": "true", "sweep_dir": str(self.sweep_dir),
                 "sweeper": _target(config.hydra.sweeper),
                 "launcher": _target(config.hydra.launcher),
@@ -80,7 +86,7 @@ class MlflowSweepCallback(Callback):
         try:
             experiment_id = set_experiment(config.tracking.experiment_name)
             run = mlflow.MlflowClient().create_run(
-                experiment_id, run_name=f"sweep-{config.hydra.job.name}", tags=tags)
+                experiment_id, run_name=sweep_name(config, self.sweep_dir), tags=tags)
         except Exception as error:
             if not (is_remote(self.tracking_uri) and is_outage(error)):
                 raise
@@ -154,6 +160,11 @@ class MlflowSweepCallback(Callback):
             client.set_tag(run_id, "best_run_name", best.info.run_name)
             client.set_tag(run_id, "best_job", best.data.tags.get("sweep_overrides", ""))
             client.log_metric(run_id, f"best_{metric}", best.data.metrics[metric])
+            if self.log_best_model:
+                try:
+                    self._log_model(client, best, by_num)
+                except Exception:  # the sweep's outcome matters more than a copy of a model
+                    logger.exception("could not log the best job's model to MLflow")
         if children:
             try:
                 out_dir = sweep_dir / COMPARISON_DIR
@@ -166,6 +177,26 @@ class MlflowSweepCallback(Callback):
                    + (f", best {best.info.run_name} {metric}={best.data.metrics[metric]:.4f}"
                       if scored else "") + f" (MLflow parent run {run_id})")
         return failed, summary
+
+    def _log_model(self, client, best, by_num: dict[int, Any]) -> None:
+        """The best job's model, from its job folder, as its run's MLflow model (unless the job
+        logged it already)."""
+        import mlflow
+
+        from pipeline.tracking import input_example, log_model
+
+        if client.search_logged_models([best.info.experiment_id],
+                                       filter_string=f"source_run_id = '{best.info.run_id}'"):
+            return
+        record = by_num.get(int(best.data.tags.get("sweep_job", -1)), {})
+        model_dir = Path(record.get("output_dir", "")) / "model"
+        if not record.get("output_dir") or not model_dir.is_dir():
+            logger.warning("the best job's model folder %s is not here: its model is not logged "
+                           "to MLflow", model_dir)
+            return
+        mlflow.set_tracking_uri(self.tracking_uri)
+        log_model(str(model_dir), input_example(self.raw_dir), run_id=best.info.run_id)
+        logger.info("logged the best job's model: runs:/%s/model", best.info.run_id)
 
     # -- job process (any launcher) ------------------------------------------------------------
 
@@ -185,7 +216,8 @@ class MlflowSweepCallback(Callback):
         num = int(config.hydra.job.num)
         overrides = list(config.hydra.overrides.task)
         record: dict[str, Any] = {"num": num, "overrides": overrides,
-                                  "status": job_return.status.name}
+                                  "status": job_return.status.name,
+                                  "output_dir": str(config.hydra.runtime.output_dir)}
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value  # the exception; .return_value would raise it
             record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
@@ -221,6 +253,15 @@ class MlflowSweepCallback(Callback):
             key, _, value = override.partition("=")
             client.log_param(run.info.run_id, key.lstrip("+~"), value)
         client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def sweep_name(config: DictConfig, sweep_dir: Path) -> str:
+    """The parent run's name: ``sweep`` and its search space, or its folder when the search
+    space is empty."""
+    from pipeline.tracking import shorten
+
+    space = search_space(config)
+    return shorten(f"sweep {space}" if space else f"sweep {sweep_dir.parent.name}/{sweep_dir.name}")
 
 
 def _target(node: Any) -> str:

@@ -21,9 +21,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from pipeline.artifacts import hash_path
 from pipeline.config import load_config
 from pipeline.contracts import LABEL, load_snapshot
-from pipeline.tracking import MODEL_SHA_TAG, stage_run
+from pipeline.tracking import MODEL_SHA_TAG, run_params, stage_run
 from support import (
     PROJECT,
     assert_same_predictions,
@@ -45,15 +46,18 @@ def chain(tmp_path_factory, tiny_corpus, tiny_checkpoint):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     overrides = [*tiny_overrides(tiny_corpus, tiny_checkpoint), *paths_under(root)]
     cfg = load_config(OmegaConf.create(compose_params(overrides)))
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    # Sampled every 0.2 s instead of 10, so that seconds of training leave system metrics.
+    environment = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
+    previous = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
     try:
         run_stages(cfg, "download", "tokenize", "train", "evaluate", "report")
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
     runs = client.search_runs([experiment.experiment_id])
@@ -187,7 +191,6 @@ def test_one_mlflow_run_holds_the_whole_model_history(chain):
     assert run.data.params["model.path"] == cfg.model.path
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
     assert len(client.get_metric_history(run.info.run_id, "learning_rate")) >= 2
-    assert len(client.get_metric_history(run.info.run_id, "eval_accuracy")) == 2  # per epoch
     for metric in ("test_accuracy", "test_f1", "validation_mcc"):
         assert metric in run.data.metrics
     logged = yaml.safe_load(
@@ -195,6 +198,64 @@ def test_one_mlflow_run_holds_the_whole_model_history(chain):
     assert logged["train"]["learning_rate"] == 1e-3 and logged["seed"] == cfg.seed
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert "report/report.md" in artifacts and "report/README.md" in artifacts
+
+
+def test_mlflow_params_are_the_resolved_config_and_a_few_trainer_values(chain):
+    """Before: 212 params, every TrainingArguments field and the model's config beside the
+    config's own (learning_rate and train.learning_rate, ...)."""
+    cfg, _, runs, _ = chain
+    params = runs[0].data.params
+    trainer = {key for key in params if key.startswith("trainer.")}
+    assert set(params) - trainer == set(run_params(cfg))
+    assert not {key for key in params if key.startswith("paths.")}
+    assert trainer == {"trainer.effective_batch_size", "trainer.gradient_accumulation_steps",
+                       "trainer.optim", "trainer.max_grad_norm", "trainer.precision"}
+    assert params["trainer.effective_batch_size"] == str(cfg.train.per_device_train_batch_size)
+    assert len(params) <= 80
+
+
+def test_mlflow_metrics_have_one_name_per_quantity_and_validation_curves_per_epoch(chain):
+    """Before: eval_accuracy per epoch beside validation_accuracy. Now validation_* holds each
+    epoch's value at its step, then, at the last step, the kept model's: the run's value."""
+    cfg, client, runs, _ = chain
+    run = runs[0]
+    assert not [key for key in run.data.metrics if key.startswith("eval_")]
+    history = json.loads(Path(cfg.paths.history_path).read_text())
+    epochs = [entry["step"] for entry in history if "eval_loss" in entry]
+    last = int(run.data.tags["train_steps"])
+    assert last == max(entry["step"] for entry in history) and len(epochs) == 2
+    for key in ("validation_loss", "validation_accuracy"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps[:2] == epochs and set(steps[2:]) == {last}, (key, steps)
+    metrics = json.loads(Path(cfg.paths.metrics_path).read_text())
+    assert run.data.metrics["validation_accuracy"] == metrics["validation"]["accuracy"]
+    assert run.data.metrics["test_accuracy"] == metrics["test"]["accuracy"]
+
+
+def test_each_split_of_the_dataset_is_a_run_input_with_its_digest(chain):
+    cfg, _, runs, _ = chain
+    inputs = {}
+    for given in runs[0].inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in given.tags}
+        inputs[tags["mlflow.data.context"]] = given.dataset, tags
+    assert set(inputs) == {"train", "validation", "test"}
+    rows = json.loads((Path(cfg.paths.raw_dir) / "manifest.json").read_text())["splits"]
+    for split, (dataset, tags) in inputs.items():
+        sha256 = hash_path(Path(cfg.paths.raw_dir) / f"{split}.parquet")
+        assert (dataset.name, dataset.digest, tags["sha256"]) == \
+            ("tiny_sentiment", sha256[:16], sha256)
+        assert tags["rows"] == str(rows[split]["rows"])
+        assert json.loads(dataset.source)["uri"].endswith(f"{split}.parquet")
+        assert [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]] == \
+            ["text", "label"]
+
+
+def test_the_run_holds_system_metrics(chain):
+    _, client, runs, _ = chain
+    run = runs[0]
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/disk_usage_percentage"):
+        assert client.get_metric_history(run.info.run_id, key), key
 
 
 def test_logged_model_loads_and_classifies_new_text(chain):

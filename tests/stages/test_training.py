@@ -190,10 +190,11 @@ def test_two_phase_logs_both_phases_in_one_mlflow_run(tmp_path, tokenized, tiny_
     client = mlflow.MlflowClient()
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, 13))
-    epochs = client.get_metric_history(run.info.run_id, "eval_loss")
+    epochs = client.get_metric_history(run.info.run_id, "validation_loss")
     assert sorted(m.step for m in epochs) == [6, 12]
     assert max(m.value for m in client.get_metric_history(run.info.run_id, "epoch")) == 2.0
-    assert client.get_run(run.info.run_id).data.params["learning_rate"]  # logged once, no clash
+    params = client.get_run(run.info.run_id).data.params  # logged once, no clash
+    assert params["trainer.effective_batch_size"] == "8" and "learning_rate" not in params
 
 
 def test_pooled_head_trains_saves_and_loads_like_any_model(tmp_path, tokenized, tiny_checkpoint):
