@@ -405,6 +405,9 @@ def _connect(cfg: PipelineConfig, what: str) -> tuple[_Link, str]:
 
     link = _Link(tracking_uri(), _pending_dir(cfg.tracking), cfg.tracking.experiment_name, what,
                  cfg.tracking.system_metrics)
+    # The monitor's start, stop and "no GPU metrics" lines (four a stage) tell a user nothing;
+    # its warnings still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     if not link.remote:
         return link, set_experiment(link.experiment_name, link.server_uri)
     bound_requests(cfg.tracking, link.server_uri)
