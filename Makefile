@@ -53,11 +53,13 @@ clean-runs: install
 
 # `dvc exp show` that fits a terminal: the params that differ between the rows and the metrics of
 # one split (SPLIT=validation for GLUE tasks, whose test labels are hidden); code and data hashes
-# (every column with a / and no :), paths, tracking and runtime settings, the creation time and
-# the example counts left out. `dvc exp show` alone shows every column.
+# (every column with a / and no :), paths, tracking and runtime settings, the model card's
+# metadata, the creation time and the example counts left out. `dvc exp show` alone shows every
+# column.
 SPLIT ?= test
 EXPS_COLUMNS := --only-changed --keep 'Experiment$$' --drop 'Created$$' --drop '[^:]*/[^:]*$$' \
-	--drop '(paths|tracking|runtime)\.' --drop 'primary_split$$' --drop '[^.]*\.examples$$' \
+	--drop '(paths|tracking|runtime)\.' --drop 'model\.(base_model|license)$$' \
+	--drop 'primary_split$$' --drop '[^.]*\.examples$$' \
 	--drop '(?!$(SPLIT))(test|validation)'
 
 exps:
