@@ -662,6 +662,7 @@ def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, 
                                                    paths.tokenized_dir),
                            "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
         tracking.log_config(cfg)
+        tracking.log_dvc_lock()
         result = fit(log_to_mlflow=True)
         write_curves(result.history, curves_dir)
         tracking.set_tags({tracking.MODEL_SHA_TAG: hash_path(model_dir),
