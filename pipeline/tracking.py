@@ -858,6 +858,16 @@ def log_config(cfg: PipelineConfig) -> None:
     _guarded(lambda: mlflow.log_dict(to_nested_dict(cfg), "config/params.yaml"))
 
 
+def log_dvc_lock() -> None:
+    """Under DVC (``dvc repro``, ``dvc exp run``: DVC_ROOT is set), DVC's lock file as the
+    stage finds it, as the artifact ``config/dvc.lock``. Its download and tokenize entries
+    already name this run's inputs in DVC's cache and remote, which ``hf-text-pipeline
+    reproduce`` pulls: the lock of the run's git commit is the one from before the run."""
+    lock = Path(os.environ.get("DVC_ROOT", "")) / "dvc.lock"
+    if "DVC_ROOT" in os.environ and lock.is_file():
+        log_artifact(str(lock), artifact_path="config")
+
+
 def input_example(raw_dir: str, rows: int = 2) -> list[dict[str, str]]:
     """A few validation rows (texts cut to 500 characters) to log with the MLflow model."""
     raw = load_snapshot(raw_dir)

@@ -668,6 +668,7 @@ def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, 
                            "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
         tracking.log_dataset_inputs(paths.raw_dir)
         tracking.log_config(cfg)
+        tracking.log_dvc_lock()
         result = fit(log_to_mlflow=True)
         write_curves(result.history, curves_dir)
         steps = max((entry["step"] for entry in result.history), default=0)
