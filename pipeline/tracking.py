@@ -424,6 +424,12 @@ def _guarded(write: Callable[[], T]) -> T:
         return write()
 
 
+def recording_locally() -> bool:
+    """Whether the open stage run records into the pending store (the server did not answer):
+    what it writes reaches the server only with ``hf-text-pipeline sync``."""
+    return _current is not None and _current.pending_run_id is not None
+
+
 def ensure_reachable() -> None:
     """Ask the server once (bounded by ``tracking.http_*``); fail over if it does not answer,
     so that the stage's next direct ``mlflow.*`` calls do not meet the outage."""
@@ -710,9 +716,10 @@ def input_example(raw_dir: str, rows: int = 2) -> list[dict[str, str]]:
     return [{c: row[c][:500] for c in columns} for row in split]
 
 
-def log_model(model_dir: str, input_example: list[dict[str, str]]) -> None:
+def log_model(model_dir: str, input_example: list[dict[str, str]]) -> Any:
     """Log the trained model as an MLflow python model (``pipeline/serving.py``) that
-    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load with this package."""
+    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load with this package; returns
+    its ``ModelInfo``."""
     import importlib.metadata
 
     import mlflow
@@ -723,7 +730,7 @@ def log_model(model_dir: str, input_example: list[dict[str, str]]) -> None:
     requirements = [f"{name}=={importlib.metadata.version(name)}"
                     for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors",
                                  "numpy", "pandas")]
-    _guarded(lambda: mlflow.pyfunc.log_model(
+    return _guarded(lambda: mlflow.pyfunc.log_model(
         name="model",
         python_model=str(package / "serving.py"),
         artifacts={"model": str(Path(model_dir).resolve())},

@@ -3,9 +3,10 @@
 The training history goes to paths.history_path, and as the curves `dvc plots` draws (a file of
 training steps, one of evaluations) to paths.curves_dir.
 
-Under Hydra multirun (`-m`) each job writes its model to its own job folder instead, and its
-MLflow run is a child of the sweep's parent run. Under torchrun every process trains its share
-of each batch (DistributedDataParallel) and rank 0 alone saves the model and logs the MLflow run.
+Under Hydra multirun (`-m`) each job writes its model to its own job folder instead, its MLflow
+run is a child of the sweep's parent run, and it registers no model version. Under torchrun
+every process trains its share of each batch (DistributedDataParallel) and rank 0 alone saves
+the model and logs the MLflow run.
 """
 
 from pathlib import Path
@@ -31,7 +32,8 @@ def train(cfg: PipelineConfig) -> dict:
             curves_dir=str(job_dir() / "curves"),
             work_dir=str(job_dir() / "checkpoints"), run_name_suffix=f"-job{job.num}",
             tags={"sweep_job": str(job.num),
-                  "sweep_overrides": " ".join(HydraConfig.get().overrides.task)})
+                  "sweep_overrides": " ".join(HydraConfig.get().overrides.task)},
+            register=False)
     work_dir = Path(paths.trainer_checkpoints_dir) / run_fingerprint(
         cfg, paths.tokenized_dir, paths.pretrained_dir)
     return train_and_record(cfg, model_dir=paths.model_dir, history_path=paths.history_path,

@@ -12,7 +12,6 @@ import requests
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
-from pipeline.config import TrackingConfig
 from pipeline.tracking import (
     HOST_TAG,
     PID_START_TAG,
@@ -24,6 +23,7 @@ from pipeline.tracking import (
     process_alive,
     process_tags,
 )
+from support import config_section
 
 
 def test_values_and_keys_beyond_mlflow_limits_are_cut_with_a_marker():
@@ -88,7 +88,7 @@ def test_urllib3_retry_warnings_about_the_tracking_server_are_quiet_and_others_a
         monkeypatch.setenv(variable, "1")
     pool_logger = logging.getLogger("urllib3.connectionpool")
     monkeypatch.setattr(pool_logger, "filters", list(pool_logger.filters))
-    bound_requests(TrackingConfig("e", False, 1, 1, 1, "p"), "http://127.0.0.1:5123")
+    bound_requests(config_section("tracking"), "http://127.0.0.1:5123")
     caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
 
     def retry_warning(host: str, err: str, url: str) -> None:
