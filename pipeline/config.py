@@ -14,6 +14,7 @@ so under another option they are absent from params.yaml and cannot invalidate a
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ REGRESSION_METRICS = ("pearson", "spearman")
 STRATEGIES = ("finetune", "head_only", "two_phase")
 HEADS = ("auto", "pooled")
 POOLINGS = ("cls", "mean")
+# Which of the Trainer's checkpoints a train run logs to MLflow (pipeline/checkpoints.py).
+LOG_CHECKPOINTS = ("none", "best", "all")
 
 
 def only_for(key: str, value: str) -> Any:
@@ -219,6 +222,8 @@ class TrainConfig:
     ``head_learning_rate``, then everything for ``num_train_epochs`` at ``learning_rate``.
     ``class_weights``: ``none``, or ``balanced`` to weight each class's cross-entropy by
     n_samples / (n_classes * count) over the training split (classification only).
+    ``resume_from``: a checkpoint a train run logged to MLflow (``runs:/<run id>/checkpoints/
+    <name>``) to continue that same training from, on any machine that reaches the run.
 
     Every value the Trainer would reject, or accept and then train nonsense with (NaN or
     infinite rates and epochs, a cap of zero rows), is refused here, at load time, naming the key.
@@ -238,6 +243,7 @@ class TrainConfig:
     max_train_samples: Optional[int]
     max_eval_samples: Optional[int]
     class_weights: str
+    resume_from: Optional[str]
     head_learning_rate: Optional[float] = only_for("strategy", "two_phase")
     head_epochs: Optional[float] = only_for("strategy", "two_phase")
 
@@ -264,6 +270,10 @@ class TrainConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be at least 1, or null "
                                   "for every row")
+        if self.resume_from is not None and not re.fullmatch(
+                r"runs:/[^/]+/checkpoints/\S+", self.resume_from):
+            raise ConfigError(f"train.resume_from={self.resume_from} must be a checkpoint a run "
+                              "logged, runs:/<run id>/checkpoints/<name>, or null")
 
 
 @dataclass(frozen=True)
@@ -288,13 +298,17 @@ class EvalConfig:
 class TrackingConfig:
     """``log_sweep_models``: every sweep job logs its model, not only the sweep's best job;
     ``system_metrics``: MLflow samples CPU, memory, disk, network (and GPU) use into each run;
-    ``http_*``: the bounds of one request to a tracking server (seconds for ``http_timeout``);
-    ``pending_dir``: where runs are recorded while the server is unreachable."""
+    ``log_checkpoints``: which Trainer checkpoints the train run logs (``none``, ``best``,
+    ``all``); ``registered_model``: the model registry name train registers its model under
+    (null: none); ``http_*``: the bounds of one request to a tracking server (seconds for
+    ``http_timeout``); ``pending_dir``: where runs are recorded while the server is unreachable."""
 
     experiment_name: str
     log_model: bool
     log_sweep_models: bool
     system_metrics: bool
+    log_checkpoints: str
+    registered_model: Optional[str]
     http_max_retries: int
     http_backoff_factor: int
     http_timeout: int
@@ -305,6 +319,12 @@ class TrackingConfig:
             raise ConfigError(f"tracking.http_max_retries={self.http_max_retries} and "
                               f"http_backoff_factor={self.http_backoff_factor} must be >= 0, "
                               f"http_timeout={self.http_timeout} >= 1")
+        _check_choice("tracking", "log_checkpoints", self.log_checkpoints, LOG_CHECKPOINTS)
+        name = self.registered_model
+        if name is not None and (not name.strip() or any(c in name for c in "/:@")):
+            # MLflow refuses '/' and ':'; '@' would end the name in models:/<name>@champion.
+            raise ConfigError(f"tracking.registered_model={name!r} must be a name without '/', "
+                              "':' or '@', or null to register nothing")
 
 
 @dataclass(frozen=True)

@@ -459,6 +459,12 @@ def _guarded(write: Callable[[], T]) -> T:
         return write()
 
 
+def recording_locally() -> bool:
+    """Whether the open stage run records into the pending store (the server did not answer):
+    what it writes reaches the server only with ``hf-text-pipeline sync``."""
+    return _current is not None and _current.pending_run_id is not None
+
+
 def ensure_reachable() -> None:
     """Ask the server once (bounded by ``tracking.http_*``); fail over if it does not answer,
     so that the stage's next direct ``mlflow.*`` calls do not meet the outage."""
@@ -877,11 +883,12 @@ def input_example(raw_dir: str, rows: int = 2) -> list[dict[str, str]]:
 
 
 def log_model(model_dir: str, input_example: list[dict[str, str]],
-              run_id: Optional[str] = None) -> None:
+              run_id: Optional[str] = None) -> Any:
     """Log the trained model as an MLflow python model (``pipeline/serving.py``) that
     ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load with this package, into the
     active run or the finished run ``run_id`` (a sweep's best job; its experiment becomes the
-    active one, where MLflow files a model logged without an active run)."""
+    active one, where MLflow files a model logged without an active run); returns its
+    ``ModelInfo``."""
     import importlib.metadata
 
     import mlflow
@@ -896,7 +903,7 @@ def log_model(model_dir: str, input_example: list[dict[str, str]],
     requirements = [f"{name}=={importlib.metadata.version(name)}"
                     for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors",
                                  "numpy", "pandas")]
-    _guarded(lambda: Model.log(
+    return _guarded(lambda: Model.log(
         artifact_path=None,
         run_id=run_id,
         flavor=mlflow.pyfunc,

@@ -13,7 +13,6 @@ import logging
 import math
 import numbers
 import os
-import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -24,8 +23,9 @@ from typing import Any, Optional
 import datasets
 import numpy as np
 
-from pipeline import tracking
+from pipeline import checkpoints, registry, tracking
 from pipeline.artifacts import atomic_dir, hash_path, write_json
+from pipeline.checkpoints import CHECKPOINT_NAME, FINAL_STATE, checkpoint_problem
 from pipeline.config import HeadConfig, PipelineConfig, RuntimeConfig, TrainConfig
 from pipeline.contracts import (
     LABELS,
@@ -108,8 +108,10 @@ def token_lengths(split: datasets.Dataset) -> list[int]:
 
 
 def run_fingerprint(cfg: PipelineConfig, tokenized_dir: str, pretrained_dir: str) -> str:
-    """Identity of a training run: its inputs and settings, for resuming the right checkpoints."""
-    key = json.dumps({"train": asdict(cfg.train), "head": asdict(cfg.head), "seed": cfg.seed,
+    """Identity of a training run: its inputs and settings, for resuming the right checkpoints
+    (where it resumes from is not part of it)."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k != "resume_from"}
+    key = json.dumps({"train": train, "head": asdict(cfg.head), "seed": cfg.seed,
                       "metric": cfg.dataset.main_metric, "metrics": cfg.dataset.metrics,
                       "data": hash_path(tokenized_dir), "model": hash_path(pretrained_dir)},
                      sort_keys=True)
@@ -161,81 +163,6 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
     return [Phase("finetune", False, cfg.learning_rate, cfg.num_train_epochs)]
 
 
-# The state a finished phase of a multi-phase run ended in, next to its checkpoints.
-FINAL_STATE = "final_state.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Bytes per element of each safetensors dtype.
-_SAFETENSORS_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
-                      "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8,
-                      "I64": 8, "F64": 8}
-
-
-def safetensors_problem(path: Path) -> Optional[str]:
-    """Why the safetensors file ``path`` is unusable (missing, truncated, bad header), or None.
-
-    Checks that each tensor's byte range matches its dtype and shape and that the ranges end
-    exactly at the end of the file, then opens it with ``safe_open``.
-    """
-    from safetensors import safe_open
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            if header_size <= 0 or 8 + header_size > size:
-                return f"{path.name} is {size} bytes, too short for its header"
-            header = json.loads(handle.read(header_size))
-        end = 0
-        for name, tensor in header.items():
-            if name == "__metadata__":
-                continue
-            begin, stop = tensor["data_offsets"]
-            expected = math.prod(tensor["shape"]) * _SAFETENSORS_SIZES[tensor["dtype"]]
-            if stop - begin != expected:
-                return (f"{path.name}: tensor {name} spans {stop - begin} bytes, its shape and "
-                        f"dtype need {expected}")
-            end = max(end, stop)
-        needed = 8 + header_size + end
-        if size != needed:
-            why = "truncated" if size < needed else "trailing bytes"
-            return f"{path.name} is {size} bytes, its tensors need {needed} ({why})"
-        with safe_open(str(path), "pt") as weights:
-            weights.keys()
-    except FileNotFoundError:
-        return f"{path.name} is missing"
-    except Exception as exc:  # any failure to read means "not usable"
-        return f"{path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-    return None
-
-
-def checkpoint_problem(folder: Path) -> Optional[str]:
-    """Why the Trainer checkpoint ``folder`` cannot be resumed from, or None when it is complete.
-
-    Trainer writes ``trainer_state.json`` last, after the weights, optimizer and scheduler, so a
-    crash while saving leaves it missing; the weights are checked too, since a lost write can
-    leave a truncated file behind an intact state (and resuming would then fail on every retry).
-    """
-    try:
-        state = json.loads((folder / "trainer_state.json").read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
-            return "trainer_state.json has no global_step"
-    except FileNotFoundError:
-        return "trainer_state.json is missing"
-    except (OSError, ValueError) as exc:
-        return f"trainer_state.json does not parse ({str(exc).splitlines()[0]})"
-    index = folder / "model.safetensors.index.json"
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) \
-            if index.is_file() else ["model.safetensors"]
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        return f"{index.name} does not parse ({exc})"
-    for shard in shards:
-        problem = safetensors_problem(folder / shard)
-        if problem:
-            return problem
-    return None
-
-
 def last_complete_checkpoint(folder: Path, discard: bool) -> Optional[str]:
     """The newest ``checkpoint-N`` in ``folder`` that is complete (:func:`checkpoint_problem`).
 
@@ -246,7 +173,7 @@ def last_complete_checkpoint(folder: Path, discard: bool) -> Optional[str]:
     if not folder.is_dir():
         return None
     found = [(int(m.group(1)), path) for path in folder.iterdir()
-             if (m := _CHECKPOINT.match(path.name)) and path.is_dir()]
+             if (m := CHECKPOINT_NAME.match(path.name)) and path.is_dir()]
     for _, checkpoint in sorted(found, reverse=True):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
@@ -315,7 +242,8 @@ def _mlflow_callback():
 def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, seed: int,
                 main_metric: str, metrics: Optional[Sequence[str]], pretrained_dir: str,
                 tokenized_dir: str, output_dir: str, history_path: str, work_dir: str,
-                log_to_mlflow: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
+                log_to_mlflow: bool = False, log_checkpoints: str = "none",
+                callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train ``pretrained_dir`` with a new ``head`` on ``tokenized_dir``; save the best model to
     ``output_dir``.
 
@@ -325,7 +253,9 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
     ``work_dir`` (one folder per phase); a run interrupted there resumes from its last complete
     checkpoint when started again with the same inputs (incomplete ones, left by a crash while
     saving, are deleted), and ``work_dir`` is removed after success unless
-    ``runtime.keep_checkpoints``.
+    ``runtime.keep_checkpoints``. With ``log_to_mlflow``, ``log_checkpoints`` says which go to
+    the MLflow run as well (:mod:`pipeline.checkpoints`): ``best`` (the one the model is, at the
+    end), ``all`` (each as it is saved) or ``none``.
 
     Raises:
         NonFiniteLossError: the training loss became NaN or infinite (at the first such step).
@@ -373,25 +303,36 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
     resume_points = [last_complete_checkpoint(folder, discard=is_main_process())
                      for folder in phase_dirs]
     mlflow_callback = _mlflow_callback() if log_to_mlflow else None
+    log_checkpoints = log_checkpoints if log_to_mlflow and is_main_process() else "none"
+    checkpoint_logger = _checkpoint_logger() if log_checkpoints == "all" else None
     history: list[dict[str, Any]] = []
     step_offset, epoch_offset = 0, 0.0
     for index, (phase, phase_dir, resume) in enumerate(zip(phases, phase_dirs, resume_points)):
-        if resume and any(resume_points[index + 1:]):
+        final = phase_dir / FINAL_STATE
+        if any(resume_points[index + 1:]) and (resume or final.is_file()):
             # Interrupted in a later phase: this one finished, and the later phase's checkpoint
             # holds every weight. Only its log is needed: its final state, since its last
-            # checkpoint may be an earlier, best one (save_total_limit=1 keeps no other).
-            final = phase_dir / FINAL_STATE
+            # checkpoint may be an earlier, best one (save_total_limit=1 keeps no other). A
+            # checkpoint fetched from MLflow (train.resume_from) comes with that state alone.
             state = TrainerState.load_from_json(
                 str(final if final.is_file() else Path(resume) / "trainer_state.json"))
             log_history, global_step = state.log_history, state.global_step
+            if not final.is_file() and is_main_process():
+                write_json(final, dataclasses.asdict(state))
             logger.info("phase %s finished before the interruption", phase.name)
         else:
+            if checkpoint_logger:
+                checkpoint_logger.phase = phase.name if len(phases) > 1 else None
+                for earlier in phases[:index]:
+                    checkpoints.log_final_state(Path(work_dir) / earlier.name / FINAL_STATE,
+                                                earlier.name)
             trainable = set_trainable(model, head_parameters, phase.head_only)
             trainer = _trainer(cfg, runtime, phase, model, tokenizer, train_split, eval_split,
                                str(phase_dir), device, precision, seed, metric, output_dir,
                                functools.partial(trainer_metrics, metrics=metric_names,
                                                  num_labels=len(label_names) or 1),
-                               [*callbacks, *([mlflow_callback] if mlflow_callback else [])],
+                               [*callbacks, *([mlflow_callback] if mlflow_callback else []),
+                                *([checkpoint_logger] if checkpoint_logger else [])],
                                class_weights=(list(class_weights.values()) if class_weights
                                               else None),
                                step_offset=step_offset,
@@ -428,6 +369,8 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
             trainer.model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         write_json(history_path, history)
+        if log_checkpoints == "best":
+            _log_best_checkpoint(trainer.state, phases, Path(work_dir))
         if not runtime.keep_checkpoints:
             shutil.rmtree(work_dir, ignore_errors=True)
     return TrainResult(
@@ -440,6 +383,36 @@ def train_model(cfg: TrainConfig, head: HeadConfig, runtime: RuntimeConfig, *, s
         head_parameters=list(head_parameters),
         class_weights=class_weights,
     )
+
+
+def _checkpoint_logger():
+    from transformers import TrainerCallback
+
+    class CheckpointLogger(TrainerCallback):
+        """Logs each checkpoint to the MLflow run as soon as Trainer has saved it (after it
+        deleted the ones ``save_total_limit`` lets go), under the current ``phase``."""
+
+        phase: Optional[str] = None
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                checkpoints.log_checkpoint(
+                    Path(args.output_dir) / f"checkpoint-{state.global_step}", self.phase)
+
+    return CheckpointLogger()
+
+
+def _log_best_checkpoint(state, phases: Sequence[Phase], work_dir: Path) -> None:
+    """Log the last phase's best checkpoint (the trained model, resumable) and the final states
+    of the phases before it."""
+    several = len(phases) > 1
+    if state.best_model_checkpoint is None:
+        logger.warning("no best checkpoint to log to MLflow (tracking.log_checkpoints=best)")
+        return
+    for earlier in phases[:-1]:
+        checkpoints.log_final_state(work_dir / earlier.name / FINAL_STATE, earlier.name)
+    checkpoints.log_checkpoint(Path(state.best_model_checkpoint),
+                               phases[-1].name if several else None)
 
 
 @functools.cache
@@ -466,6 +439,11 @@ def _trainer_class():
         the saved model stays a plain classifier with nothing of training in its config. It
         weights the validation loss too, so ``eval_loss`` measures the objective being trained.
         Without weights it is Trainer's own loss, untouched.
+
+        Its checkpoints hold no pickle (:mod:`pipeline.checkpoints`): the optimizer, scheduler,
+        scaler and random states are safetensors and JSON, and the TrainingArguments pickle
+        (``training_args.bin``, which no resume reads) is not written. It still resumes from a
+        checkpoint an older version pickled (Trainer's own loading, ``weights_only``).
         """
 
         def __init__(self, *args, class_weights: Optional[Sequence[float]] = None,
@@ -544,6 +522,49 @@ def _trainer_class():
                 logs["train_tokens_per_second"] = round(real / logs["train_runtime"], 1)
                 logs["train_padding_share"] = round(1 - real / self._batch_tokens, 4)
             super().log(logs, start_time)
+
+        def _process_index(self) -> Optional[int]:
+            return self.args.process_index if self.args.world_size > 1 else None
+
+        def _save(self, output_dir=None, state_dict=None):
+            # Trainer's own, less training_args.bin (the project's models are PreTrainedModels).
+            if self.args.should_save:
+                output_dir = output_dir or self.args.output_dir
+                os.makedirs(output_dir, exist_ok=True)
+                self.model.save_pretrained(output_dir, state_dict=state_dict)
+                self.processing_class.save_pretrained(output_dir)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if self.args.should_save:
+                checkpoints.save_optimizer(self.optimizer.state_dict(),
+                                           self.lr_scheduler.state_dict(), output_dir)
+
+        def _save_scaler(self, output_dir):
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None and self.args.should_save:
+                checkpoints.save_scaler(scaler.state_dict(), output_dir)
+
+        def _save_rng_state(self, output_dir):
+            checkpoints.save_rng_state(output_dir, self._process_index())
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or not (Path(checkpoint) / checkpoints.OPTIMIZER_FILE).is_file():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            optimizer, scheduler = checkpoints.load_optimizer(checkpoint)
+            self.optimizer.load_state_dict(optimizer)
+            self.lr_scheduler.load_state_dict(scheduler)
+
+        def _load_scaler(self, checkpoint):
+            state = checkpoints.load_scaler(checkpoint) if checkpoint is not None else None
+            if state is None:
+                return super()._load_scaler(checkpoint)
+            self.accelerator.scaler.load_state_dict(state)
+
+        def _load_rng_state(self, checkpoint):
+            if checkpoint is not None and \
+                    checkpoints.restore_rng_state(checkpoint, self._process_index()):
+                return
+            super()._load_rng_state(checkpoint)
 
     return PipelineTrainer
 
@@ -647,24 +668,34 @@ def _write_tsv(path: Path, header: Sequence[str], rows: list[list[Any]]) -> None
 
 def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, work_dir: str,
                      curves_dir: str, run_name: str, log_model: bool,
-                     tags: Optional[dict[str, str]] = None) -> dict[str, float]:
+                     tags: Optional[dict[str, str]] = None, register: bool = True
+                     ) -> dict[str, float]:
     """The train stage: train by :func:`train_model` into ``model_dir`` inside one MLflow run
     (rank 0 only) named ``run_name`` that holds the config, the lineage of data and pretrained
-    weights with the dataset's splits as inputs, the curves, the validation metrics and, with
-    ``log_model``, the model; the curves also go to ``curves_dir`` for ``dvc plots``
-    (:func:`write_curves`). Returns the best checkpoint's validation metrics (what a sweeper
-    optimises)."""
+    weights with the dataset's splits as inputs, the curves, the validation metrics, the
+    checkpoints ``tracking.log_checkpoints`` names and, with ``log_model``, the model; the curves
+    also go to ``curves_dir`` for ``dvc plots`` (:func:`write_curves`). With ``register`` the
+    logged model becomes a version of ``tracking.registered_model`` (:mod:`pipeline.registry`).
+    ``train.resume_from`` first fetches its checkpoint into ``work_dir``
+    (:func:`pipeline.checkpoints.fetch`). Returns the best checkpoint's validation metrics (what
+    a sweeper optimises)."""
     paths = cfg.paths
+    fingerprint = run_fingerprint(cfg, paths.tokenized_dir, paths.pretrained_dir)
+    if cfg.train.resume_from:
+        checkpoints.fetch(cfg.train.resume_from, Path(work_dir),
+                          [phase.name for phase in plan_phases(cfg.train)], fingerprint)
     fit = functools.partial(train_model, cfg.train, cfg.head, cfg.runtime, seed=cfg.seed,
                             main_metric=cfg.dataset.main_metric, metrics=cfg.dataset.metrics,
                             pretrained_dir=paths.pretrained_dir, tokenized_dir=paths.tokenized_dir,
-                            output_dir=model_dir, history_path=history_path, work_dir=work_dir)
+                            output_dir=model_dir, history_path=history_path, work_dir=work_dir,
+                            log_checkpoints=cfg.tracking.log_checkpoints)
     if not is_main_process():
         return fit(log_to_mlflow=False).eval_metrics
     with tracking.stage_run("train", cfg, parent_run_id=os.environ.get(tracking.SWEEP_PARENT_ENV),
-                            run_name=run_name, log_params=True):
+                            run_name=run_name, log_params=True) as run:
         tracking.set_tags({**tracking.lineage_tags(paths.raw_dir, paths.pretrained_dir,
                                                    paths.tokenized_dir),
+                           checkpoints.FINGERPRINT_TAG: fingerprint,
                            "world_size": os.environ.get("WORLD_SIZE", "1"), **(tags or {})})
         tracking.log_dataset_inputs(paths.raw_dir)
         tracking.log_config(cfg)
@@ -682,5 +713,10 @@ def train_and_record(cfg: PipelineConfig, *, model_dir: str, history_path: str, 
         tracking.log_metrics({f"validation_{k}": v for k, v in result.eval_metrics.items()
                               if isinstance(v, (int, float)) and math.isfinite(v)}, step=steps)
         if log_model:
-            tracking.log_model(model_dir, tracking.input_example(paths.raw_dir))
+            logged = tracking.log_model(model_dir, tracking.input_example(paths.raw_dir))
+            if register and cfg.tracking.registered_model:
+                # Validation metrics of a capped validation split compare with no other run's.
+                registry.register_model(run.info.run_id, logged.model_uri,
+                                        cfg.tracking.registered_model, cfg.dataset.main_metric,
+                                        compete=cfg.train.max_eval_samples is None)
     return result.eval_metrics

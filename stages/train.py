@@ -3,11 +3,11 @@
 The training history goes to paths.history_path, and as the curves `dvc plots` draws (a file of
 training steps, one of evaluations) to paths.curves_dir.
 
-Under Hydra multirun (`-m`) each job writes its model to its own job folder instead, and its
-MLflow run is a child of the sweep's parent run (with its model only if
-tracking.log_sweep_models: the sweep logs its best job's). Under torchrun every process trains
-its share of each batch (DistributedDataParallel) and rank 0 alone saves the model and logs the
-MLflow run.
+Under Hydra multirun (`-m`) each job writes its model to its own job folder instead, its MLflow
+run is a child of the sweep's parent run (with its model only if tracking.log_sweep_models: the
+sweep logs its best job's), and it registers no model version. Under torchrun every process
+trains its share of each batch (DistributedDataParallel) and rank 0 alone saves the model and
+logs the MLflow run.
 """
 
 from pathlib import Path
@@ -37,7 +37,8 @@ def train(cfg: PipelineConfig) -> dict:
             work_dir=str(job_dir() / "checkpoints"),
             run_name=tracking.run_name(cfg, overrides, job=job.num),
             log_model=cfg.tracking.log_model and cfg.tracking.log_sweep_models,
-            tags={"sweep_job": str(job.num), "sweep_overrides": " ".join(overrides)})
+            tags={"sweep_job": str(job.num), "sweep_overrides": " ".join(overrides)},
+            register=False)
     work_dir = Path(paths.trainer_checkpoints_dir) / run_fingerprint(
         cfg, paths.tokenized_dir, paths.pretrained_dir)
     return train_and_record(cfg, model_dir=paths.model_dir, history_path=paths.history_path,

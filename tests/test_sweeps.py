@@ -347,3 +347,16 @@ def test_torchrun_two_processes_match_one_process(project):
     assert single["accuracy"] >= 0.9, single
     assert abs(distributed["accuracy"] - single["accuracy"]) <= 1 / 16 + 1e-9, (distributed, single)
     assert abs(distributed["loss"] - single["loss"]) <= 0.1, (distributed, single)
+
+
+def test_a_sweep_job_logs_its_model_but_registers_no_version(project):
+    """Jobs of a sweep do not compete for the registry's champion alias (parallel jobs would
+    race for it): the sweep's best job, run as a DVC experiment, registers like any run."""
+    root, env = project
+    _, client, _, children = _sweep(root, env, "train.learning_rate=1e-2",
+                                    "tracking.log_model=true", "tracking.log_checkpoints=none")
+    job, = children
+    assert job.info.status == "FINISHED"
+    assert client.search_logged_models([job.info.experiment_id],
+                                       filter_string=f"source_run_id = '{job.info.run_id}'")
+    assert client.search_registered_models() == []

@@ -232,14 +232,19 @@ def test_server_down_at_the_start_trains_then_the_next_stage_sends_the_records(
         server, tmp_path, tiny_corpus, tiny_checkpoint, caplog):
     """No server answers when train starts: training runs and finishes, one warning says the
     server is unreachable, one line at the end says what is kept in the pending store and how
-    to send it. Once the server is up, the evaluate stage sends the train run to it at its
-    start and continues it there: one run with every loss step, the model and evaluate's
-    metrics, and nothing left pending."""
+    to send it, and one that the model was not registered (the registry is the server's).
+    Once the server is up, the evaluate stage sends the train run to it at its start and
+    continues it there: one run with every loss step, the model, its best checkpoint and
+    evaluate's metrics, and nothing left pending."""
     cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint)
     caplog.set_level(logging.INFO)
     run_stages(cfg, "download", "tokenize", "train")
     assert Path(cfg.paths.model_dir, "model.safetensors").is_file()
     assert len(_outage_lines(caplog)) == 1, _outage_lines(caplog)
+    unregistered = [r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("model not registered as 'tiny_sentiment'")]
+    assert len(unregistered) == 1 and "kept in the pending store" in unregistered[0], \
+        unregistered
     assert not [r for r in caplog.records if r.name.startswith("urllib3")]
     kept = [r.getMessage() for r in caplog.records if "hf-text-pipeline sync" in r.getMessage()]
     assert len(kept) == 1 and "kept in" in kept[0] and "loss x" in kept[0], kept
@@ -254,6 +259,9 @@ def test_server_down_at_the_start_trains_then_the_next_stage_sends_the_records(
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     _assert_complete(client, run.info.run_id, Path(cfg.paths.history_path))
     assert not pending_runs(Path(cfg.tracking.pending_dir))
+    logged = client.list_artifacts(run.info.run_id, "checkpoints")
+    assert len(logged) == 1 and logged[0].path.startswith("checkpoints/checkpoint-"), logged
+    assert client.search_registered_models() == []
 
 
 class ServerOutage:

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from pipeline.artifacts import hash_path
 from pipeline.config import load_config
 from pipeline.contracts import LABEL, load_snapshot
+from pipeline.registry import CHAMPION, LINEAGE_TAGS
 from pipeline.tracking import MODEL_SHA_TAG, run_params, stage_run
 from support import (
     PROJECT,
@@ -422,15 +423,41 @@ def test_predict_loads_the_mlflow_model_of_the_run(chain, capsys, monkeypatch):
     assert_same_predictions(predicted, written)
 
 
-def test_mlflow_models_serve_answers_with_the_evaluate_predictions(chain, tmp_path):
-    cfg, _, runs, uri = chain
+def test_train_registers_its_model_with_its_lineage_as_the_champion(chain):
+    cfg, client, runs, _ = chain
+    run = runs[0]
+    version = client.get_model_version_by_alias(cfg.tracking.registered_model, CHAMPION)
+    assert cfg.tracking.registered_model == "tiny_sentiment", "named after the dataset"
+    assert (str(version.version), version.run_id) == ("1", run.info.run_id)
+    lineage = {key: run.data.tags[key] for key in LINEAGE_TAGS if key in run.data.tags}
+    assert {"git_commit", "dataset_sha256", "tokenized_sha256", "checkpoint_sha256",
+            MODEL_SHA_TAG} <= set(lineage)
+    assert version.tags == {**lineage, "validation_accuracy":
+                            repr(run.data.metrics["validation_accuracy"])}
+
+
+def test_predict_loads_the_registry_champion(chain, capsys, monkeypatch):
+    from pipeline.commands.predict import main
+
+    cfg, _, _, uri = chain
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    written = _written(cfg)[:4]
+    assert main(["--model", f"models:/{cfg.tracking.registered_model}@{CHAMPION}",
+                 *(row["text"] for row in written)]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert_same_predictions(predicted, written)
+
+
+def test_mlflow_models_serve_of_the_champion_answers_with_the_evaluate_predictions(chain,
+                                                                                   tmp_path):
+    cfg, _, _, uri = chain
     written = _written(cfg)[:5]
     port = free_port()
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-             f"runs:/{runs[0].info.run_id}/model", "--host", "127.0.0.1", "--port", str(port),
-             "--env-manager", "local"],
+             f"models:/{cfg.tracking.registered_model}@{CHAMPION}", "--host", "127.0.0.1",
+             "--port", str(port), "--env-manager", "local"],
             env=subprocess_env(MLFLOW_TRACKING_URI=uri), stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until_serving(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log",

@@ -215,3 +215,22 @@ def test_a_bad_num_proc_is_one_line_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"runtime.num_proc") as error:
         validated([f"runtime.num_proc={value}"])
     assert "\n" not in str(error.value)
+
+
+def test_checkpoint_logging_resume_and_registry_keys_are_checked():
+    cfg = validated([])
+    assert (cfg.tracking.log_checkpoints, cfg.train.resume_from) == ("best", None)
+    assert cfg.tracking.registered_model == cfg.dataset.name, "one registered model per dataset"
+    assert validated(["tracking.registered_model=null"]).tracking.registered_model is None
+    with pytest.raises(ConfigError, match=r"^tracking.log_checkpoints='last' is not one of none, "
+                                          r"best, all$"):
+        validated(["tracking.log_checkpoints=last"])
+    with pytest.raises(ConfigError, match=r"^train.resume_from=checkpoints/checkpoint-6 must be a "
+                                          r"checkpoint a run logged, runs:/<run id>/checkpoints/"):
+        validated(["train.resume_from=checkpoints/checkpoint-6"])
+    uri = "runs:/0123abcd/checkpoints/checkpoint-6"
+    assert validated([f"train.resume_from='{uri}'"]).train.resume_from == uri
+    for name in ("team/news", "news:v2", "news@best", "' '"):
+        with pytest.raises(ConfigError, match=r"^tracking.registered_model=.* must be a name "
+                                              r"without '/', ':' or '@', or null"):
+            validated([f"tracking.registered_model={name}"])

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
 
-from pipeline.config import TrackingConfig, load_config
+from pipeline.config import load_config
 from pipeline.tracking import (
     HOST_TAG,
     PID_START_TAG,
@@ -26,7 +26,7 @@ from pipeline.tracking import (
     process_alive,
     process_tags,
 )
-from support import compose_params
+from support import compose_params, config_section
 
 
 def test_values_and_keys_beyond_mlflow_limits_are_cut_with_a_marker():
@@ -91,7 +91,7 @@ def test_urllib3_retry_warnings_about_the_tracking_server_are_quiet_and_others_a
         monkeypatch.setenv(variable, "1")
     pool_logger = logging.getLogger("urllib3.connectionpool")
     monkeypatch.setattr(pool_logger, "filters", list(pool_logger.filters))
-    bound_requests(TrackingConfig("e", False, False, True, 1, 1, 1, "p"), "http://127.0.0.1:5123")
+    bound_requests(config_section("tracking"), "http://127.0.0.1:5123")
     caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
 
     def retry_warning(host: str, err: str, url: str) -> None:
@@ -119,7 +119,7 @@ def test_system_metrics_thread_lines_about_an_unreachable_server_are_quiet(monke
         monkeypatch.setenv(variable, "1")
     monitor_logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
     monkeypatch.setattr(monitor_logger, "filters", list(monitor_logger.filters))
-    bound_requests(TrackingConfig("e", False, False, True, 1, 1, 1, "p"), "http://127.0.0.1:5123")
+    bound_requests(config_section("tracking"), "http://127.0.0.1:5123")
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())

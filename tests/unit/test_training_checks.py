@@ -1,4 +1,5 @@
-"""Pure parts of training: which checkpoint a run may resume from, and the class weights."""
+"""Pure parts of training: which checkpoint a run may resume from (its files complete, pickled
+or not), and the class weights."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.checkpoints import save_optimizer, save_rng_state
 from pipeline.training import (
     balanced_class_weights,
     checkpoint_problem,
@@ -17,13 +19,20 @@ from pipeline.training import (
 
 
 def _checkpoint(folder: Path, step: int) -> Path:
-    """A checkpoint as Trainer leaves it after a complete save (the files resuming reads)."""
+    """A checkpoint as the train stage's Trainer leaves it after a complete save (the files
+    resuming reads)."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    save_file({"classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(2)},
-              str(folder / "model.safetensors"))
+    weights = {"classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(2)}
+    save_file(weights, str(folder / "model.safetensors"))
+    parameters = [torch.nn.Parameter(w) for w in weights.values()]
+    optimizer = torch.optim.AdamW(parameters)
+    sum(p.sum() for p in parameters).backward()
+    optimizer.step()
+    save_optimizer(optimizer.state_dict(), {"last_epoch": step}, folder)
+    save_rng_state(folder, None)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step,
                                                            "log_history": []}))
     return folder
@@ -54,6 +63,35 @@ def test_truncated_or_missing_weights_are_named(tmp_path):
     assert checkpoint_problem(folder).startswith("model.safetensors is unreadable")
     weights.unlink()
     assert checkpoint_problem(folder) == "model.safetensors is missing"
+
+
+def test_missing_or_broken_optimizer_scheduler_or_random_state_is_named(tmp_path):
+    # Before: only the weights and trainer_state.json were checked, so a truncated optimizer
+    # state made every resume fail (or, missing, resume with a fresh optimizer).
+    folder = _checkpoint(tmp_path / "checkpoint-6", 6)
+    optimizer = folder / "optimizer.safetensors"
+    data = optimizer.read_bytes()
+    optimizer.write_bytes(data[:-8])
+    assert checkpoint_problem(folder) == (f"optimizer.safetensors is {len(data) - 8} bytes, its "
+                                          f"tensors need {len(data)} (truncated)")
+    optimizer.unlink()
+    assert checkpoint_problem(folder) == "optimizer.safetensors is missing"
+    folder = _checkpoint(tmp_path / "checkpoint-12", 12)
+    (folder / "scheduler.json").write_text('{"last_ep')
+    assert checkpoint_problem(folder).startswith("scheduler.json does not parse")
+    (folder / "scheduler.json").unlink()
+    assert checkpoint_problem(folder) == "scheduler.json is missing"
+    folder = _checkpoint(tmp_path / "checkpoint-18", 18)
+    (folder / "rng_state.safetensors").write_bytes(b"\x00" * 4)
+    assert "rng_state.safetensors is 4 bytes" in checkpoint_problem(folder)
+
+
+def test_a_checkpoint_pickled_by_an_older_version_is_still_resumable(tmp_path):
+    folder = _checkpoint(tmp_path / "checkpoint-6", 6)
+    for name in ("optimizer.safetensors", "scheduler.json", "rng_state.safetensors"):
+        (folder / name).unlink()
+    (folder / "optimizer.pt").write_bytes(b"Trainer reads it with weights_only=True")
+    assert checkpoint_problem(folder) is None
 
 
 def test_every_shard_of_sharded_weights_is_checked(tmp_path):
