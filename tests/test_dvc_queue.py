@@ -67,7 +67,8 @@ def test_queued_experiments_switch_model_and_learning_rate(tmp_path, tiny_corpus
                         compose_params(tiny_overrides(tiny_corpus, tiny_checkpoint)))
     for name, path in (("tiny_two_layer", tiny_checkpoint), ("tiny_one_layer", one_layer)):
         _write_yaml(root / "conf" / "model" / f"{name}.yaml", "",
-                    {"name": name, "source": "local", "path": str(path), "revision": None})
+                    {"name": name, "source": "local", "path": str(path), "revision": None,
+                     "base_model": None, "license": None})
     _write_yaml(root / "conf" / "experiment" / "tiny.yaml", "# @package _global_\n", {
         "defaults": [{"override /dataset": "glue_sst2"}, {"override /train": "smoke"}],
         "dataset": {"name": "tiny_sentiment", "source": "local", "path": str(tiny_corpus),
