@@ -6,6 +6,7 @@
     hf-text-pipeline exp-from-sweep multirun/<date>/<time>
     hf-text-pipeline offline-plots
     hf-text-pipeline clean-runs
+    hf-text-pipeline server start
 
 Each command is a module of this package (``-`` in its name is ``_`` in the module's) with its
 own ``main(argv)``; ``python -m pipeline.commands <command> ...`` runs the same without the
@@ -24,6 +25,7 @@ COMMANDS = {
     "exp-from-sweep": "run a finished sweep's best job again as a DVC experiment",
     "offline-plots": "make `dvc plots show/diff` pages work without network (Vega inlined)",
     "clean-runs": "free the disk space of deleted MLflow runs and their models (mlflow gc)",
+    "server": "start, stop or check the team's MLflow server (PostgreSQL, basic auth)",
 }
 PROG = "hf-text-pipeline"
 
