@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # `MLFLOW_DISABLE_TELEMETRY=false make ...` turns it on.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install repro demo exps ui clean-runs unit lint test test-slow clean
+.PHONY: install repro demo exps ui clean-runs server server-stop unit lint test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ demo: install
 # and compact mlflow.db (README, Tracking).
 clean-runs: install
 	$(BIN)/hf-text-pipeline clean-runs
+
+# The team's tracking server (README, Working as a team): PostgreSQL and `mlflow server` with
+# basic auth on 127.0.0.1, state in .state/server; the admin is MLFLOW_TRACKING_USERNAME and
+# MLFLOW_TRACKING_PASSWORD of this environment. Optional: SERVER_PORT (5000), PG_PORT (55432),
+# SERVER_ARTIFACTS (a folder or an fsspec/S3 URI). `hf-text-pipeline server --help` for more.
+SERVER_OPTIONS = $(if $(SERVER_PORT),--port $(SERVER_PORT)) $(if $(PG_PORT),--pg-port $(PG_PORT)) \
+	$(if $(SERVER_ARTIFACTS),--artifacts-destination '$(SERVER_ARTIFACTS)')
+
+server: install
+	$(BIN)/hf-text-pipeline server start $(SERVER_OPTIONS)
+
+server-stop:
+	$(BIN)/hf-text-pipeline server stop
 
 # `dvc exp show` that fits a terminal: the params that differ between the rows and the metrics of
 # one split (SPLIT=validation for GLUE tasks, whose test labels are hidden); code and data hashes

@@ -16,3 +16,8 @@ class DataValidationError(PipelineError):
 class CheckpointError(PipelineError):
     """A model folder (a pretrained snapshot or a trained model) is incomplete, unsafe to load,
     or cannot be loaded."""
+
+
+class TrackingAuthError(PipelineError):
+    """The tracking server refused the request: credentials missing or wrong (HTTP 401), or the
+    account may not do it (HTTP 403)."""

@@ -42,6 +42,7 @@ from pipeline.contracts import (
     load_snapshot,
     validation_split_name,
 )
+from pipeline.errors import TrackingAuthError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def set_experiment(name: str, uri: Optional[str] = None) -> str:
 
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
-    with _database_lock(uri):
+    with _database_lock(uri), refusals_named(uri):
         experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -266,17 +267,48 @@ def loggable_tags(tags: dict[str, Any]) -> dict[str, str]:
     return loggable(tags, MAX_TAG_VAL_LENGTH)[0]
 
 
+# -- a server that refuses the credentials ----------------------------------------------------
+
+# MLflow's error codes for HTTP 401 and 403: the server answered, and refused who asked.
+REFUSED_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+@contextlib.contextmanager
+def refusals_named(uri: str) -> Iterator[None]:
+    """Turn the server's refusal of the credentials into one line (:class:`TrackingAuthError`)
+    naming the server and the environment variables to set: a stage fails at its start instead
+    of training with nowhere to record."""
+    try:
+        yield
+    except Exception as error:
+        if getattr(error, "error_code", None) not in REFUSED_CODES:
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if error.error_code == "PERMISSION_DENIED":
+            raise TrackingAuthError(
+                f"MLflow server {uri} refused user {user!r} (HTTP 403, permission denied): an "
+                "admin of the server can give it EDIT on the experiment") from None
+        what = (f"refused the credentials of user {user!r}"
+                if user and os.environ.get("MLFLOW_TRACKING_PASSWORD") else "needs credentials")
+        raise TrackingAuthError(
+            f"MLflow server {uri} {what} (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to your account on it") from None
+
+
 # -- an unreachable server --------------------------------------------------------------------
 
 
 def is_outage(error: BaseException) -> bool:
     """The tracking server could not be reached (refused, timed out, 5xx after the retries), as
-    opposed to it refusing a request (a bad value, an unknown run), which is a bug to raise."""
+    opposed to it refusing a request (a bad value, an unknown run, wrong credentials), which is
+    raised."""
     import requests
     from mlflow.exceptions import MlflowException, RestException
 
     if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
         return True
+    if getattr(error, "error_code", None) in REFUSED_CODES:
+        return False
     return (isinstance(error, MlflowException) and not isinstance(error, RestException)
             and str(error).startswith("API request to"))
 
@@ -659,8 +691,9 @@ def stage_run(stage: str, cfg: PipelineConfig, *, run_id: Optional[str] = None,
     """
     cfg = unguarded(cfg)  # records hold every value, also those the stage does not read
     link, experiment_id = _connect(cfg, stage)
-    with _open_run(stage, cfg, link, experiment_id, run_id=run_id, parent_run_id=parent_run_id,
-                   run_name=run_name, log_params=log_params) as run:
+    with refusals_named(link.server_uri), _open_run(
+            stage, cfg, link, experiment_id, run_id=run_id, parent_run_id=parent_run_id,
+            run_name=run_name, log_params=log_params) as run:
         yield run
 
 
@@ -827,8 +860,9 @@ def model_run(stage: str, cfg: PipelineConfig, model_sha: str) -> Iterator[Any]:
         run_id = find_model_run(experiment_id, model_sha)
     if run_id is None:
         logger.warning("no MLflow run trained model %s; starting a new run", model_sha[:12])
-    with _open_run(stage, cfg, link, experiment_id, run_id=run_id, parent_run_id=None,
-                   run_name=run_name(cfg), log_params=run_id is None) as run:
+    with refusals_named(link.server_uri), _open_run(
+            stage, cfg, link, experiment_id, run_id=run_id, parent_run_id=None,
+            run_name=run_name(cfg), log_params=run_id is None) as run:
         if run_id is None:
             set_tags({MODEL_SHA_TAG: model_sha})
         yield run

@@ -95,7 +95,7 @@ def make_project(root: Path, params: dict, with_git: bool = True) -> Path:
     shutil.copy(PROJECT / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/checkpoints/\n"
-                                     "/multirun/\n")
+                                     "/multirun/\n/.state/\n")
     if with_git:
         run(["git", "init", "-q"], root)
         run(["git", "config", "user.email", "ci@example.invalid"], root)
@@ -109,6 +109,29 @@ def make_project(root: Path, params: dict, with_git: bool = True) -> Path:
 
 def dvc_executable() -> str:
     return str(Path(sys.executable).parent / "dvc")
+
+
+def dvc_experiments(shown: list) -> dict[str, dict]:
+    """``dvc exp show --json`` as {experiment name: its params.yaml and metrics.json data}."""
+    found = {}
+
+    def walk(node, in_experiments=False):  # the baseline commit sits outside "experiments"
+        if isinstance(node, dict):
+            data = node.get("data")
+            if in_experiments and node.get("name") and isinstance(data, dict) \
+                    and data.get("params"):
+                found[node["name"]] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": (data.get("metrics") or {}).get("metrics/metrics.json", {})
+                    .get("data", {})}
+            for key, value in node.items():
+                walk(value, in_experiments or key == "experiments")
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, in_experiments)
+
+    walk(shown)
+    return found
 
 
 def subprocess_env(**overrides: str | None) -> dict:
@@ -150,6 +173,52 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: f
             assert time.monotonic() < deadline, \
                 f"{url}: no answer in {timeout:g} s:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
+
+
+def chromium(auth: tuple[str, str] | None = None):
+    """Headless Chromium (Debian's chromium and chromium-driver packages) through Selenium;
+    with ``auth``, every request carries it as HTTP basic auth (credentials in the URL do not
+    reach the XHRs of MLflow's single-page app)."""
+    import base64
+
+    import pytest
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are not installed (apt-get install chromium "
+                        "chromium-driver)")
+        pytest.skip("chromium and chromedriver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1600,1400"):
+        options.add_argument(argument)
+    session = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    if auth:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        session.execute_cdp_cmd("Network.enable", {})
+        session.execute_cdp_cmd("Network.setExtraHTTPHeaders",
+                                {"headers": {"Authorization": f"Basic {token}"}})
+    return session
+
+
+def page_text(browser) -> str:
+    """All of the page's text, also what is scrolled out of view: MLflow draws its params and
+    metrics tables as virtualized grids, whose rows exist only once scrolled to."""
+    import time
+
+    seen = browser.execute_script("return document.body.textContent")
+    for grid in browser.find_elements("css selector", ".ReactVirtualized__Grid"):
+        step = max(50, grid.get_property("clientHeight") // 2)
+        for top in range(0, grid.get_property("scrollHeight") + step, step):
+            browser.execute_script("arguments[0].scrollTop = arguments[1]", grid, top)
+            time.sleep(0.2)
+            seen += grid.get_property("textContent")
+    return seen
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600,

@@ -15,6 +15,7 @@ from conftest import build_tiny_checkpoint
 from support import (
     compose_params,
     dvc_executable,
+    dvc_experiments,
     make_project,
     run,
     subprocess_env,
@@ -24,29 +25,6 @@ from support import (
 
 def _write_yaml(path: Path, text: str, data: dict) -> None:
     path.write_text(text + yaml.safe_dump(data, sort_keys=False))
-
-
-def _experiments(shown: list) -> dict[str, dict]:
-    """``dvc exp show --json`` as {experiment name: its params.yaml and metrics.json data}."""
-    found = {}
-
-    def walk(node, in_experiments=False):  # the baseline commit sits outside "experiments"
-        if isinstance(node, dict):
-            data = node.get("data")
-            if in_experiments and node.get("name") and isinstance(data, dict) \
-                    and data.get("params"):
-                found[node["name"]] = {
-                    "params": data["params"]["params.yaml"]["data"],
-                    "metrics": (data.get("metrics") or {}).get("metrics/metrics.json", {})
-                    .get("data", {})}
-            for key, value in node.items():
-                walk(value, in_experiments or key == "experiments")
-        elif isinstance(node, list):
-            for value in node:
-                walk(value, in_experiments)
-
-    walk(shown)
-    return found
 
 
 def _wait_for_queue(root: Path, env: dict, count: int, timeout: float = 900) -> str:
@@ -91,7 +69,7 @@ def test_queued_experiments_switch_model_and_learning_rate(tmp_path, tiny_corpus
         [dvc_executable(), "queue", "logs", status.split()[-4]], root, env=env, check=False).stdout
 
     shown = json.loads(run([dvc_executable(), "exp", "show", "--json"], root, env=env).stdout)
-    experiments = _experiments(shown)
+    experiments = dvc_experiments(shown)
     assert len(experiments) == 4, experiments.keys()
     combos = {(e["params"]["model"]["name"], e["params"]["train"]["learning_rate"])
               for e in experiments.values()}

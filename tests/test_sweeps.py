@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -24,10 +21,12 @@ import yaml
 from pipeline.artifacts import hash_path
 from support import (
     PROJECT,
+    chromium,
     compose_params,
     dvc_executable,
     free_port,
     make_project,
+    page_text,
     run,
     subprocess_env,
     tiny_overrides,
@@ -245,25 +244,6 @@ def mlflow_server(project):
         log.close()
 
 
-def _chromium():
-    """Headless Chromium (Debian's chromium and chromium-driver packages) through Selenium."""
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (browser and driver):
-        if os.environ.get("REQUIRE_BROWSER"):
-            pytest.fail("chromium and chromedriver are not installed (apt-get install chromium "
-                        "chromium-driver)")
-        pytest.skip("chromium and chromedriver are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--window-size=1600,1400"):
-        options.add_argument(argument)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
 def test_mlflow_ui_compares_the_sweep_runs(joblib_sweep, mlflow_server):
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
@@ -275,31 +255,18 @@ def test_mlflow_ui_compares_the_sweep_runs(joblib_sweep, mlflow_server):
             f"&experiments={urllib.parse.quote(experiments)}")
     names = [c.info.run_name for c in children]
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    browser = _chromium()
-
-    def text(b) -> str:
-        """All of the page's text, also what is scrolled out of view: MLflow draws its params
-        and metrics tables as virtualized grids, whose rows exist only once scrolled to."""
-        seen = b.execute_script("return document.body.textContent")
-        for grid in b.find_elements("css selector", ".ReactVirtualized__Grid"):
-            step = max(50, grid.get_property("clientHeight") // 2)
-            for top in range(0, grid.get_property("scrollHeight") + step, step):
-                b.execute_script("arguments[0].scrollTop = arguments[1]", grid, top)
-                time.sleep(0.2)
-                seen += grid.get_property("textContent")
-        return seen
-
+    browser = chromium()
     try:
         browser.get(page)
         wanted = [*names, "validation_accuracy", "train.learning_rate"]
         try:
-            WebDriverWait(browser, 90).until(lambda b: all(t in text(b) for t in wanted))
+            WebDriverWait(browser, 90).until(lambda b: all(t in page_text(b) for t in wanted))
         except TimeoutException:
-            missing = [t for t in wanted if t not in text(browser)]
+            missing = [t for t in wanted if t not in page_text(browser)]
             pytest.fail(f"the compare page never showed {missing}")
         finally:
             browser.save_screenshot(str(SCREENSHOTS / "mlflow-compare-runs.png"))
-        body = text(browser)
+        body = page_text(browser)
     finally:
         browser.quit()
     # Every compared run's validation accuracy is on the page, as MLflow formats it.

@@ -435,3 +435,95 @@ def test_a_sweep_parent_names_its_process_and_a_long_search_space_is_cut(
     finally:
         callback.on_multirun_end(config)
     assert mlflow.MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+# -- a server that refuses the credentials ----------------------------------------------------
+
+
+def _refusing_server(status: int):
+    """An HTTP server on 127.0.0.1 answering every request as MLflow's basic-auth app does a
+    request it refuses (401: no or wrong credentials; 403: not allowed); its URL."""
+    import http.server
+    import threading
+
+    body = b"You are not authenticated." if status == 401 else b"Permission denied"
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815 (http.server's method naming)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_server_refusing_the_credentials_fails_the_stage_at_its_start(
+        tmp_path, tiny_corpus, tiny_checkpoint, monkeypatch):
+    """Wrong or missing credentials (HTTP 401) and a user without permission (403) are not an
+    outage: the train stage fails before training with one line naming the server and the
+    variables to set, and nothing is kept in the pending store."""
+    from pipeline.errors import TrackingAuthError
+
+    cfg = tiny_config(tmp_path, tiny_corpus, tiny_checkpoint)
+    run_stages(cfg, "download", "tokenize")
+    for status, user, password, said in (
+            (401, "alice", "not-her-password", "refused the credentials of user 'alice' "
+             "(HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your "
+             "account on it"),
+            (401, None, None, "needs credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+             "MLFLOW_TRACKING_PASSWORD to your account on it"),
+            (403, "alice", "her-password-12", "refused user 'alice' (HTTP 403, permission "
+             "denied): an admin of the server can give it EDIT on the experiment")):
+        server, uri = _refusing_server(status)
+        try:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            for name, value in (("MLFLOW_TRACKING_USERNAME", user),
+                                ("MLFLOW_TRACKING_PASSWORD", password)):
+                if value is None:
+                    monkeypatch.delenv(name, raising=False)
+                else:
+                    monkeypatch.setenv(name, value)
+            with pytest.raises(TrackingAuthError) as refused:
+                run_stages(cfg, "train")
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert str(refused.value) == f"MLflow server {uri} {said}"
+        assert not Path(cfg.paths.model_dir).exists(), "nothing may train"
+        assert not list(Path(cfg.paths.trainer_checkpoints_dir).glob("*/checkpoint-*"))
+        assert not pending_runs(Path(cfg.tracking.pending_dir)), "not an outage"
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_sweep_whose_credentials_are_refused_stops_before_its_jobs(
+        tmp_path, tiny_corpus, tiny_checkpoint, monkeypatch, capsys):
+    """Hydra would turn the callback's error into a warning and launch every job into the same
+    refusal: the sweep stops at its start in one line instead."""
+    from hydra_plugins.mlflow_sweep.callback import MlflowSweepCallback
+
+    server, uri = _refusing_server(401)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-her-password")
+    config = _sweep_config(tmp_path, tiny_corpus, tiny_checkpoint, "train.learning_rate=1e-3,2e-3")
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            MlflowSweepCallback().on_multirun_start(config)
+    finally:
+        server.shutdown()
+        server.server_close()
+        mlflow.set_tracking_uri(None)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        f"sweep: error: MLflow server {uri} refused the credentials of user 'alice' (HTTP 401): "
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it\n")
+    assert "PIPELINE_SWEEP_PARENT_RUN_ID" not in os.environ

@@ -58,6 +58,7 @@ class MlflowSweepCallback(Callback):
         import mlflow
 
         from pipeline.config import TrackingConfig, load_section
+        from pipeline.errors import PipelineError
         from pipeline.tracking import (
             bound_requests,
             git_state,
@@ -87,6 +88,11 @@ class MlflowSweepCallback(Callback):
             experiment_id = set_experiment(config.tracking.experiment_name)
             run = mlflow.MlflowClient().create_run(
                 experiment_id, run_name=sweep_name(config, self.sweep_dir), tags=tags)
+        except PipelineError as error:
+            # Wrong credentials: every job would meet them. Hydra turns a callback's exception
+            # into a warning and launches the jobs anyway, so stop here, in one line.
+            print(f"sweep: error: {error}", file=sys.stderr)
+            sys.exit(1)
         except Exception as error:
             if not (is_remote(self.tracking_uri) and is_outage(error)):
                 raise

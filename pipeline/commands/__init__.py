@@ -7,6 +7,7 @@
     hf-text-pipeline offline-plots
     hf-text-pipeline clean-runs
     hf-text-pipeline reproduce <run id>
+    hf-text-pipeline server start
 
 Each command is a module of this package (``-`` in its name is ``_`` in the module's) with its
 own ``main(argv)``; ``python -m pipeline.commands <command> ...`` runs the same without the
@@ -26,6 +27,7 @@ COMMANDS = {
     "offline-plots": "make `dvc plots show/diff` pages work without network (Vega inlined)",
     "clean-runs": "free the disk space of deleted MLflow runs and their models (mlflow gc)",
     "reproduce": "run a recorded MLflow run again from its record and compare every metric",
+    "server": "start, stop or check the team's MLflow server (PostgreSQL, basic auth)",
 }
 PROG = "hf-text-pipeline"
 
