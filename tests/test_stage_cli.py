@@ -90,8 +90,8 @@ def test_commands_are_installed_as_one_console_script():
     assert "predict" in done.stdout and "compare" in done.stdout
     done = run([str(script), "predict", "--help"], PROJECT, timeout=60)
     assert done.stdout.startswith("usage: hf-text-pipeline predict")
-    bad = run([str(script), "reproduce"], PROJECT, check=False, timeout=60)
-    assert bad.returncode == 2 and "unknown command 'reproduce'" in bad.stderr
+    bad = run([str(script), "retrain"], PROJECT, check=False, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'retrain'" in bad.stderr
 
 
 def test_stages_import_no_metric_library_before_computing_a_metric():

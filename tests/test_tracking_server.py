@@ -181,15 +181,20 @@ def _loss_steps(path: Path) -> tuple[list[int], list[int]]:
 
 
 def _assert_recorded(client, run, history_path: Path) -> None:
-    """FINISHED with the config as params, every logged step of the curves, and the model."""
+    """FINISHED with the config as params, every logged step of the curves (validation's, then
+    the kept model's), the dataset as inputs, and the model."""
     run_id = run.info.run_id
     assert run.info.status == "FINISHED", run.info
-    assert {"train.learning_rate", "model.name", "learning_rate"} <= set(run.data.params)
+    assert {"train.learning_rate", "model.name", "trainer.optim"} <= set(run.data.params)
     losses, evaluations = _loss_steps(history_path)
     assert len(losses) > 3
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == losses
-    assert sorted(m.step for m in client.get_metric_history(run_id, "eval_loss")) == evaluations
+    assert sorted(m.step for m in client.get_metric_history(run_id, "validation_loss")) == \
+        evaluations + [int(run.data.tags["train_steps"])]
     assert "validation_accuracy" in run.data.metrics
+    contexts = [tag.value for given in run.inputs.dataset_inputs for tag in given.tags
+                if tag.key == "mlflow.data.context"]
+    assert sorted(contexts) == ["test", "train", "validation"]
     assert [a.path for a in client.list_artifacts(run_id, "config")] == ["config/params.yaml"]
     models = client.search_logged_models([run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}'")
@@ -199,10 +204,11 @@ def _assert_recorded(client, run, history_path: Path) -> None:
 @pytest.fixture(scope="module")
 def logged(team):
     """Alice runs `dvc repro`; Bob a 4-job joblib sweep of the train stage into the experiment
-    Alice's run created."""
+    Alice's run created, every job logging its model (four uploads at once)."""
     run([dvc_executable(), "repro"], team.root, env=team.env("alice"), timeout=900)
     sweep = run([sys.executable, "-m", "stages.train", "-m", "hydra/launcher=joblib",
-                 "hydra.launcher.n_jobs=4", f"train.learning_rate={','.join(LEARNING_RATES)}"],
+                 "hydra.launcher.n_jobs=4", f"train.learning_rate={','.join(LEARNING_RATES)}",
+                 "tracking.log_sweep_models=true"],
                 team.root, env=team.env("bob"), timeout=900)
     parent_id = re.search(r"MLflow parent run (\w+)", sweep.stderr).group(1)
     return parent_id
@@ -363,8 +369,8 @@ def test_two_queued_experiments_run_two_at_a_time_and_lose_nothing(
         # The same data and epochs as the workspace's run: every step is there.
         run_id = mlflow_run.info.run_id
         assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == losses
-        assert sorted(m.step for m in client.get_metric_history(run_id, "eval_loss")) == \
-            evaluations
+        assert sorted(m.step for m in client.get_metric_history(run_id, "validation_loss")) \
+            == evaluations + [int(mlflow_run.data.tags["train_steps"])]
         assert client.search_logged_models(
             [experiment.experiment_id], filter_string=f"source_run_id = '{run_id}'")
 
