@@ -182,7 +182,7 @@ def _loss_steps(path: Path) -> tuple[list[int], list[int]]:
 
 def _assert_recorded(client, run, history_path: Path) -> None:
     """FINISHED with the config as params, every logged step of the curves (validation's, then
-    the kept model's), the dataset as inputs, and the model."""
+    the kept model's), the dataset as inputs, the best checkpoint, and the model."""
     run_id = run.info.run_id
     assert run.info.status == "FINISHED", run.info
     assert {"train.learning_rate", "model.name", "trainer.optim"} <= set(run.data.params)
@@ -195,7 +195,12 @@ def _assert_recorded(client, run, history_path: Path) -> None:
     contexts = [tag.value for given in run.inputs.dataset_inputs for tag in given.tags
                 if tag.key == "mlflow.data.context"]
     assert sorted(contexts) == ["test", "train", "validation"]
-    assert [a.path for a in client.list_artifacts(run_id, "config")] == ["config/params.yaml"]
+    assert "config/params.yaml" in [a.path for a in client.list_artifacts(run_id, "config")]
+    # tracking.log_checkpoints=best: the checkpoint the model came from, with no pickle in it.
+    checkpoint, = client.list_artifacts(run_id, "checkpoints")
+    files = [a.path for a in client.list_artifacts(run_id, checkpoint.path)]
+    assert any(f.endswith("model.safetensors") for f in files), files
+    assert not [f for f in files if f.endswith((".pt", ".bin", ".pth"))], files
     models = client.search_logged_models([run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}'")
     assert [(m.name, m.status.name) for m in models] == [("model", "READY")], models
