@@ -37,7 +37,7 @@ install: $(VENV)/.installed
 repro: install
 	$(BIN)/dvc repro
 
-# A first look in about two minutes (README, Quick start): the `quick` preset (few training rows,
+# A first look in about a minute (README, Quick start): the `quick` preset (few training rows,
 # one epoch) as a DVC experiment in the workspace, every output included. params.yaml then goes
 # back to conf/'s default composition, so DVC sees the demo's outputs as out of date and a
 # later `make repro` runs the full pipeline (download and tokenize stay cached).
