@@ -246,9 +246,13 @@ def artifact_path(phase: Optional[str], name: str = "") -> str:
 
 
 def log_checkpoint(folder: Path, phase: Optional[str]) -> None:
-    """Log the checkpoint ``folder`` to the open train run (surviving an outage)."""
+    """Log the checkpoint ``folder`` to the open train run (surviving an outage), with the
+    permissions the umask gives (the Trainer's safetensors files are written 0600, and MLflow's
+    copy keeps them)."""
     from pipeline import tracking
+    from pipeline.artifacts import share_as_umask_says
 
+    share_as_umask_says(folder)
     tracking.log_artifact(str(folder), artifact_path(phase, folder.name))
 
 
