@@ -82,16 +82,24 @@ def test_an_unreachable_server_is_an_outage_and_a_refused_request_is_not():
                                          "'too many 503 error responses'))")) == "HTTP 503"
 
 
+def _bound_requests_to_a_server(monkeypatch) -> None:
+    """``bound_requests`` for a server on 127.0.0.1:5123, its environment variables and the
+    logging filters it adds undone after the test."""
+    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(variable, "1")
+    for name in ("urllib3.connectionpool", "mlflow.system_metrics.system_metrics_monitor"):
+        log = logging.getLogger(name)
+        monkeypatch.setattr(log, "filters", list(log.filters))
+    bound_requests(config_section("tracking"), "http://127.0.0.1:5123")
+
+
 def test_urllib3_retry_warnings_about_the_tracking_server_are_quiet_and_others_are_not(
         monkeypatch, caplog):
     """Both shapes urllib3 warns in: a refused connection names host and port in the message; a
     connection the dying server broke mid-request names only the URL path (CI met this one)."""
-    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-                     "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.setenv(variable, "1")
     pool_logger = logging.getLogger("urllib3.connectionpool")
-    monkeypatch.setattr(pool_logger, "filters", list(pool_logger.filters))
-    bound_requests(config_section("tracking"), "http://127.0.0.1:5123")
+    _bound_requests_to_a_server(monkeypatch)
     caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
 
     def retry_warning(host: str, err: str, url: str) -> None:
@@ -114,12 +122,8 @@ def test_system_metrics_thread_lines_about_an_unreachable_server_are_quiet(monke
     """MLflow's system metrics thread logs past the stage's guarded writes: its line about the
     unreachable server (MLflow's whole error, ~500 characters) would repeat the stage's one
     warning. A server that answers with an error, or another server, still shows."""
-    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-                     "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.setenv(variable, "1")
     monitor_logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
-    monkeypatch.setattr(monitor_logger, "filters", list(monitor_logger.filters))
-    bound_requests(config_section("tracking"), "http://127.0.0.1:5123")
+    _bound_requests_to_a_server(monkeypatch)
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
