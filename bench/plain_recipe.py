@@ -3,9 +3,9 @@
 lr 5e-5, no warmup, no weight decay), evaluate every epoch, keep the last epoch's model.
 
 bench/speed.py runs it in its own process, on the rows the pipeline's download stage kept, and
-reads the JSON line it prints last. Only two things are added, outside the recipe: a count of
-real and padded tokens in the training batches, and ``max_length`` (the pipeline's setting, so
-both arms truncate alike).
+reads the JSON line it prints last. Three things are added, outside the recipe: a count of
+real and padded tokens in the training batches, ``max_length`` (the pipeline's setting, so both
+arms truncate alike), and ``set_seed`` before the model is built (its new head is then seeded).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
         DataCollatorWithPadding,
         Trainer,
         TrainingArguments,
+        set_seed,
     )
 
     raw = datasets.DatasetDict({split: datasets.Dataset.from_parquet(
@@ -48,6 +49,11 @@ def main() -> None:
     tokenized = raw.map(lambda batch: tokenizer(*[batch[c] for c in args.text], truncation=True,
                                                 max_length=args.max_length), batched=True)
     labels = raw["train"].features["label"].names
+    # Outside the course's code, which builds the model before Trainer seeds anything: the new
+    # head then comes from torch's unseeded generator (seeded at random per process), and this
+    # arm scored 0.7990 to 0.8113 validation accuracy on MRPC at the same --seed. Seeded here,
+    # both arms start from the same kind of seeded head and each run gives the same weights.
+    set_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(labels))
 
     counts = {"real": 0, "padded": 0}
