@@ -1,6 +1,7 @@
 """Training and inference speed: the pipeline against the plain recipes, side by side in one run.
 
-    python bench/speed.py [--glue ../shared/data/glue] [--rounds 1] [--quick] [--out speed.json]
+    python bench/speed.py [--glue ../shared/data/glue] [--rounds 1] [--seeds 42 1 2] [--quick]
+                          [--out speed.json]
 
 Train: the course's plain Trainer recipe (bench/plain_recipe.py) and the train stage with the
 preset a user would run (`mrpc_minilm`: MRPC, 3 epochs; `sst2_minilm` on 10,000 SST-2 training
@@ -9,7 +10,9 @@ process, interleaved round by round. Per arm: training samples/s (rows x epochs 
 train_runtime, which includes the per-epoch validation and checkpoint writes), real (non-pad)
 tokens/s, padding share, the process's wall time and peak RSS, validation accuracy and F1, and
 the share of the matrix-multiply peak measured in the same run for the arm's precision (model
-FLOPs 6 x non-embedding parameters x real tokens).
+FLOPs 6 x non-embedding parameters x real tokens). With --seeds, each arm trains once per seed
+(same prepared data) and its accuracy and F1 are the mean over the seeds, each seed's shown too:
+one seed's accuracy on MRPC's 408 validation pairs has a standard error of about 2 points.
 
 Inference, on the SST-2 validation sentences and the model the SST-2 pipeline arm trained:
 `transformers.pipeline("text-classification", model=<folder>, top_k=None)` with its defaults
@@ -23,6 +26,7 @@ is up to date). --quick shrinks everything to a smoke run (figures meaningless).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -153,7 +157,7 @@ def pipeline_train(config_path: Path, tracking: bool = True) -> None:
     rows = min(rows, cfg.train.max_train_samples or rows)
     real = sum(entry["train_tokens_per_second"] * entry["train_runtime"] for entry in end)
     share = end[-1]["train_padding_share"]
-    print(json.dumps({"train_rows": rows, "epochs": cfg.train.num_train_epochs,
+    print(json.dumps({"train_rows": rows, "epochs": total_epochs(cfg),
                       "train_runtime": runtime, "real_tokens": real,
                       "batch_tokens": real / (1 - share), "accuracy": metrics["accuracy"],
                       "f1": metrics.get("f1"), "peak_rss_mib": peak_rss_mib()}))
@@ -205,28 +209,50 @@ def plain_tokenize(cfg) -> float:
     return time.perf_counter() - start
 
 
-def train_rounds(tasks: list[str], configs: dict[str, Path], rounds: int, env: dict[str, str],
-                 work: Path, tracking: bool) -> dict[str, dict[str, list[dict]]]:
+def with_seed(config_path: Path, seed: int) -> Path:
+    """The task's config trained at another seed: a copy beside it (the prepared data stays)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(config_path)
+    if config.seed == seed:
+        return config_path
+    config.seed = seed
+    path = config_path.with_name(f"config-seed{seed}.yaml")
+    OmegaConf.save(config, path)
+    return path
+
+
+def train_rounds(tasks: list[str], configs: dict[str, Path], rounds: int, seeds: list[int],
+                 env: dict[str, str], work: Path,
+                 tracking: bool) -> dict[str, dict[str, list[dict]]]:
     results: dict[str, dict[str, list[dict]]] = {t: {"plain": [], "pipeline": []} for t in tasks}
-    for round_ in range(rounds):
-        for task in tasks:
-            cfg = load(configs[task])
-            plain = [sys.executable, str(PROJECT / "bench" / "plain_recipe.py"),
-                     "--raw", cfg.paths.raw_dir, "--model", cfg.paths.pretrained_dir,
-                     "--text", *TASKS[task]["text"], "--epochs", str(cfg.train.num_train_epochs),
-                     "--max-length", str(load_stats(cfg)["max_length"]), "--seed", str(cfg.seed),
-                     "--work", str(work / task / "plain")]
-            if cfg.train.max_train_samples:
-                plain += ["--max-rows", str(cfg.train.max_train_samples)]
-            ours = [sys.executable, __file__, "--internal-train", str(configs[task]),
-                    *([] if tracking else ["--no-tracking"])]
-            for arm, cmd in (("plain", plain), ("pipeline", ours)):
-                result = run_arm(cmd, env)
-                results[task][arm].append(result)
-                print(f"round {round_ + 1} {task} {arm}: "
-                      f"{result['train_rows'] * result['epochs'] / result['train_runtime']:.1f} "
-                      "samples/s", flush=True)
+    for round_, seed, task in itertools.product(range(rounds), seeds, tasks):
+        config_path = with_seed(configs[task], seed)
+        cfg = load(config_path)
+        plain = [sys.executable, str(PROJECT / "bench" / "plain_recipe.py"),
+                 "--raw", cfg.paths.raw_dir, "--model", cfg.paths.pretrained_dir,
+                 "--text", *TASKS[task]["text"], "--epochs", str(total_epochs(cfg)),
+                 "--max-length", str(load_stats(cfg)["max_length"]), "--seed", str(cfg.seed),
+                 "--work", str(work / task / "plain")]
+        if cfg.train.max_train_samples:
+            plain += ["--max-rows", str(cfg.train.max_train_samples)]
+        ours = [sys.executable, __file__, "--internal-train", str(config_path),
+                *([] if tracking else ["--no-tracking"])]
+        for arm, cmd in (("plain", plain), ("pipeline", ours)):
+            result = {**run_arm(cmd, env), "seed": seed}
+            results[task][arm].append(result)
+            print(f"round {round_ + 1} seed {seed} {task} {arm}: "
+                  f"{result['train_rows'] * result['epochs'] / result['train_runtime']:.1f} "
+                  f"samples/s, accuracy {result['accuracy']:.4f}", flush=True)
     return results
+
+
+def total_epochs(cfg) -> float:
+    """Passes over the training rows, every phase of the strategy counted (two_phase: the
+    head's, then everything's): the plain arm runs as many."""
+    from pipeline.training import plan_phases
+
+    return sum(phase.epochs for phase in plan_phases(cfg.train))
 
 
 def load_stats(cfg) -> dict:
@@ -327,19 +353,29 @@ def report(facts, peaks, train, inference, startup, repro, per_token) -> None:
     for task, arms in train.items():
         print(f"\n{task}: {'arm':<9}{'samples/s':>10}{'tokens/s':>10}{'padding':>9}{'wall s':>8}"
               f"{'RSS MiB':>9}{'acc':>8}{'F1':>8}{'MFU':>8}")
-        speed = {}
+        speed, seeds = {}, {}
         for arm, runs in arms.items():
             best = max(runs, key=lambda r: r["train_rows"] * r["epochs"] / r["train_runtime"])
+            seeds[arm] = {r["seed"]: r for r in runs}  # deterministic: a seed's rounds agree
+            accuracy = statistics.mean(r["accuracy"] for r in seeds[arm].values())
+            f1s = [r["f1"] for r in seeds[arm].values() if r.get("f1") is not None]
             speed[arm] = statistics.median(r["train_rows"] * r["epochs"] / r["train_runtime"]
                                            for r in runs)
             tokens = statistics.median(r["real_tokens"] / r["train_runtime"] for r in runs)
             padding = 1 - best["real_tokens"] / best["batch_tokens"]
             peak = peaks[best.get("dtype", "float32")] * 1e12
-            f1 = f"{best['f1']:.4f}" if best.get("f1") is not None else "-"
+            f1 = f"{statistics.mean(f1s):.4f}" if f1s else "-"
             print(f"{'':6}{arm:<9}{speed[arm]:>10.1f}{tokens:>10.0f}{padding:>9.1%}"
                   f"{best['wall']:>8.0f}{best.get('peak_rss_mib', 0):>9.0f}"
-                  f"{best['accuracy']:>8.4f}{f1:>8}{tokens * per_token / peak:>8.1%}")
+                  f"{accuracy:>8.4f}{f1:>8}{tokens * per_token / peak:>8.1%}")
         print(f"{'':6}pipeline / plain: {speed['pipeline'] / speed['plain']:.2f}x")
+        if len(seeds["plain"]) > 1:
+            print(f"{'':6}acc and F1 above: the mean over seeds " +
+                  ", ".join(map(str, seeds["plain"])) + "; each seed:")
+            for arm, runs in seeds.items():
+                print(f"{'':8}{arm:<9}" + "  ".join(
+                    f"{seed}: {r['accuracy']:.4f}" + (f"/{r['f1']:.4f}" if r.get("f1") else "")
+                    for seed, r in runs.items()))
     if inference:
         print(f"\ninference on {inference['texts']} SST-2 validation sentences:")
         for name, rate in inference["texts_per_second"].items():
@@ -363,6 +399,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--quick", action="store_true", help="a smoke run, figures meaningless")
     parser.add_argument("--seed", type=int, default=42, help="of both arms (and data splits)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="train both arms once per seed and compare mean accuracy (default: "
+                        "--seed alone); the inference figures use the last seed's model")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
     parser.add_argument("--prepare-only", action="store_true",
                         help="download and tokenize into --work, then stop")
@@ -391,7 +430,8 @@ def main() -> None:
                for task in args.tasks}
     if args.prepare_only:
         return None
-    train = train_rounds(args.tasks, configs, args.rounds, env, args.work, not args.no_tracking)
+    train = train_rounds(args.tasks, configs, args.rounds, args.seeds or [args.seed], env,
+                         args.work, not args.no_tracking)
     for task in train:
         for run in train[task]["pipeline"]:
             run["dtype"] = "bfloat16" if _precision(configs[task]) == "bf16" else "float32"

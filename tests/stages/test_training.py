@@ -109,7 +109,8 @@ class Snapshots(TrainerCallback):
 
     @staticmethod
     def _copy(model):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # On the CPU, where a saved model loads, also when training ran on a GPU.
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._begin = self._copy(model)
