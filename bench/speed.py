@@ -374,7 +374,8 @@ def report(facts, peaks, train, inference, startup, repro, per_token) -> None:
                   ", ".join(map(str, seeds["plain"])) + "; each seed:")
             for arm, runs in seeds.items():
                 print(f"{'':8}{arm:<9}" + "  ".join(
-                    f"{seed}: {r['accuracy']:.4f}" + (f"/{r['f1']:.4f}" if r.get("f1") else "")
+                    f"{seed}: {r['accuracy']:.4f}"
+                    + ("" if r.get("f1") is None else f"/{r['f1']:.4f}")
                     for seed, r in runs.items()))
     if inference:
         print(f"\ninference on {inference['texts']} SST-2 validation sentences:")

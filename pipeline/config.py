@@ -222,6 +222,9 @@ class TrainConfig:
     ``head_learning_rate``, then everything for ``num_train_epochs`` at ``learning_rate``.
     ``class_weights``: ``none``, or ``balanced`` to weight each class's cross-entropy by
     n_samples / (n_classes * count) over the training split (classification only).
+    ``layer_lr_decay``: layer-wise rate decay; the head trains at ``learning_rate``, the top
+    encoder layer at ``learning_rate * layer_lr_decay``, each layer below at one more factor, the
+    embeddings at the lowest (1: one rate for every weight).
     ``resume_from``: a checkpoint a train run logged to MLflow (``runs:/<run id>/checkpoints/
     <name>``) to continue that same training from, on any machine that reaches the run.
 
@@ -243,6 +246,7 @@ class TrainConfig:
     max_train_samples: Optional[int]
     max_eval_samples: Optional[int]
     class_weights: str
+    layer_lr_decay: float
     resume_from: Optional[str]
     head_learning_rate: Optional[float] = only_for("strategy", "two_phase")
     head_epochs: Optional[float] = only_for("strategy", "two_phase")
@@ -260,6 +264,9 @@ class TrainConfig:
         if not 0 <= self.weight_decay < _INF:
             raise ConfigError(f"train.weight_decay={self.weight_decay} must be a finite number, "
                               "0 or more")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ConfigError(f"train.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]; "
+                              "1 trains every layer at train.learning_rate")
         if not 0.0 <= self.warmup_ratio < 1.0:
             # transformers reads warmup_steps >= 1 as a step count, so a typo would go unnoticed
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")

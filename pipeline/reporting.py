@@ -142,7 +142,9 @@ def _config_table(cfg: PipelineConfig, pretrained: dict[str, Any]) -> str:
         ["max_length", cfg.tokenize.max_length],
         ["head", _describe_head(cfg)],
         ["strategy", _describe_strategy(cfg)],
-        ["learning_rate", cfg.train.learning_rate],
+        ["learning_rate", cfg.train.learning_rate if cfg.train.layer_lr_decay == 1 else
+         f"{cfg.train.learning_rate} for the head, x {cfg.train.layer_lr_decay} per encoder "
+         "layer below it"],
         ["epochs", cfg.train.num_train_epochs],
         ["batch size", cfg.train.per_device_train_batch_size],
         ["warmup ratio / weight decay", f"{cfg.train.warmup_ratio} / {cfg.train.weight_decay}"],

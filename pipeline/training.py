@@ -13,6 +13,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -161,6 +162,41 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
                       "train.head_learning_rate"),
                 Phase("full", False, cfg.learning_rate, cfg.num_train_epochs)]
     return [Phase("finetune", False, cfg.learning_rate, cfg.num_train_epochs)]
+
+
+# An encoder layer's index in a parameter name: encoder.layer.3. (BERT, RoBERTa),
+# transformer.layer.3. (DistilBERT), layers.3. (ModernBERT and most newer encoders).
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def layer_rate_scales(model, decay: float) -> dict[str, float]:
+    """Each trainable parameter's factor of the learning rate under layer-wise decay: the head
+    (and anything above the encoder, such as BERT's pooler) 1, the top encoder layer ``decay``,
+    each layer below it one more factor, the embeddings ``decay ** (layers + 1)``.
+
+    Lower layers hold the general features pretraining built, the upper ones the task-specific
+    ones, so the lower layers move less (Howard and Ruder 2018; Sun et al. 2019). Trainer has
+    no option for it, hence the parameter groups here.
+    """
+    indices = {name: _LAYER_INDEX.search(name) for name, _ in model.named_parameters()}
+    numbered = [int(match.group(1)) for match in indices.values() if match]
+    if not numbered:
+        raise ConfigError(f"train.layer_lr_decay={decay} needs an encoder of numbered layers "
+                          f"(encoder.layer.N); {type(model).__name__} has none: set "
+                          "train.layer_lr_decay=1")
+    layers = max(numbered) + 1
+    scales = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:  # frozen (a head-only phase): in no optimizer group
+            continue
+        if indices[name]:
+            depth = int(indices[name].group(1)) + 1
+        elif "embeddings" in name.split("."):
+            depth = 0
+        else:
+            depth = layers + 1
+        scales[name] = decay ** (layers + 1 - depth)
+    return scales
 
 
 def last_complete_checkpoint(folder: Path, discard: bool) -> Optional[str]:
@@ -448,8 +484,10 @@ def _trainer_class():
 
         def __init__(self, *args, class_weights: Optional[Sequence[float]] = None,
                      step_offset: int = 0, phase_label: Optional[str] = None,
-                     rate_key: str = "train.learning_rate", **kwargs):
+                     rate_key: str = "train.learning_rate", layer_lr_decay: float = 1.0,
+                     **kwargs):
             super().__init__(*args, **kwargs)
+            self.layer_lr_decay = layer_lr_decay
             self.class_weights = (None if class_weights is None
                                   else torch.tensor(class_weights, dtype=torch.float32))
             if class_weights is not None:
@@ -459,6 +497,26 @@ def _trainer_class():
             self.rate_key = rate_key
             self._real_tokens = torch.zeros((), dtype=torch.int64)
             self._batch_tokens = 0
+
+        def create_optimizer(self, model=None):
+            if self.layer_lr_decay == 1 or self.optimizer is not None:
+                return super().create_optimizer(model)
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[float, float], list] = {}
+            scales = layer_rate_scales(model, self.layer_lr_decay)
+            for name, param in model.named_parameters():
+                if name in scales:
+                    weight_decay = self.args.weight_decay if name in decay else 0.0
+                    groups.setdefault((scales[name], weight_decay), []).append(param)
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            # The head's group first: Trainer logs the first group's rate as learning_rate.
+            self.optimizer = optimizer_cls(
+                [{"params": params, "weight_decay": weight_decay,
+                  "lr": self.args.learning_rate * scale}
+                 for (scale, weight_decay), params in sorted(groups.items(), reverse=True)],
+                **kwargs)
+            return self.optimizer
 
         def _get_train_sampler(self, train_dataset=None):
             # Trainer's own group_by_length sampler, given the lengths from Arrow.
@@ -621,6 +679,7 @@ def _trainer(cfg: TrainConfig, runtime: RuntimeConfig, phase: Phase, model, toke
         step_offset=step_offset,
         phase_label=phase_label,
         rate_key=phase.rate_key,
+        layer_lr_decay=cfg.layer_lr_decay,
     )
 
 

@@ -182,6 +182,36 @@ def test_two_phase_interrupted_in_phase_two_resumes_there(tmp_path, tokenized, t
     assert max(entry["step"] for entry in result.history) == 18
 
 
+class OptimizerGroups(TrainerCallback):
+    """Each parameter's starting rate and weight decay in the optimizer Trainer built."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.first_rate = optimizer.param_groups[0]["initial_lr"]
+        self.rates = {names[id(p)]: (group["initial_lr"], group["weight_decay"])
+                      for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_layer_lr_decay_trains_lower_layers_slower_and_resumes(tmp_path, tokenized,
+                                                               tiny_checkpoint):
+    groups, resumed = OptimizerGroups(), CountSteps()
+    _train(tmp_path, tokenized, tiny_checkpoint, epochs=1, keep=True, counter=CountSteps(),
+           callbacks=[groups], layer_lr_decay=0.5, weight_decay=0.01)
+    expected = {"classifier.": 1e-3, "bert.pooler.": 1e-3, "bert.encoder.layer.1.": 5e-4,
+                "bert.encoder.layer.0.": 2.5e-4, "bert.embeddings.": 1.25e-4}
+    assert set(groups.rates) == groups.trainable, "each trainable weight in one group"
+    for name, (rate, decay) in groups.rates.items():
+        prefix, = [p for p in expected if name.startswith(p)]
+        assert rate == pytest.approx(expected[prefix]), name
+        assert decay == (0.0 if name.endswith("bias") or "LayerNorm" in name else 0.01), name
+    assert groups.first_rate == 1e-3, "the logged learning_rate is the head's"
+    # The checkpoint's optimizer state has the same groups, so the run continues from it.
+    _train(tmp_path, tokenized, tiny_checkpoint, epochs=2, keep=False, counter=resumed,
+           layer_lr_decay=0.5, weight_decay=0.01)
+    assert resumed.steps == 6
+
+
 def test_two_phase_logs_both_phases_in_one_mlflow_run(tmp_path, tokenized, tiny_checkpoint):
     import mlflow
 

@@ -70,6 +70,12 @@ def test_warmup_ratio_must_be_a_fraction():
         validated(["train.warmup_ratio=1.5"])
 
 
+@pytest.mark.parametrize("value", ["0.0", "1.5", "-0.9", "nan"])
+def test_layer_lr_decay_must_be_a_factor_up_to_one(value):
+    with pytest.raises(ConfigError, match=rf"train.layer_lr_decay={value} must be in \(0, 1\]"):
+        validated([f"train.layer_lr_decay={value}"])
+
+
 def test_unknown_group_option_lists_the_choices():
     with pytest.raises(MissingConfigException) as error:
         compose_params(["model=bert_tiny_typo"])

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoints import save_optimizer, save_rng_state
+from pipeline.errors import ConfigError
 from pipeline.training import (
     balanced_class_weights,
     checkpoint_problem,
     last_complete_checkpoint,
+    layer_rate_scales,
     weighted_cross_entropy,
 )
 
@@ -140,3 +142,51 @@ def test_weighted_cross_entropy_weights_each_example_by_its_gold_class():
         expected.item())
     assert weighted_cross_entropy(logits, labels, torch.ones(2)).item() == pytest.approx(
         per_example.mean().item())
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_layer_rate_decay_slows_each_layer_below_the_head_by_one_factor(family):
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+            intermediate_size=32))
+    else:
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=50, dim=16, n_layers=3, n_heads=2, hidden_dim=32))
+    model.get_input_embeddings().weight.requires_grad_(False)
+    scales = layer_rate_scales(model, 0.5)
+    assert set(scales) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, scale in scales.items():
+        if ".layer.2." in name:
+            assert scale == 0.5, name  # the top of 3 layers
+        elif ".layer.0." in name:
+            assert scale == 0.125, name
+        elif ".embeddings." in name:
+            assert scale == 0.0625, name
+        elif name.startswith(("classifier.", "pre_classifier.", "bert.pooler.")):
+            assert scale == 1, name
+        else:
+            assert ".layer.1." in name and scale == 0.25, name
+
+
+def test_layer_rate_decay_leaves_a_frozen_body_out_and_names_a_model_without_layers():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("classifier."))
+    # The head phase of two_phase: only the head trains, at the full rate.
+    assert layer_rate_scales(model, 0.5) == {"classifier.weight": 1, "classifier.bias": 1}
+    with pytest.raises(ConfigError, match=r"train.layer_lr_decay=0.9 needs an encoder of "
+                                          r"numbered layers .* Linear has none"):
+        layer_rate_scales(torch.nn.Linear(4, 2), 0.9)
