@@ -502,13 +502,12 @@ def _trainer_class():
             if self.layer_lr_decay == 1 or self.optimizer is not None:
                 return super().create_optimizer(model)
             model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(model))
+            decayed = set(self.get_decay_parameter_names(model))
+            params = dict(model.named_parameters())
             groups: dict[tuple[float, float], list] = {}
-            scales = layer_rate_scales(model, self.layer_lr_decay)
-            for name, param in model.named_parameters():
-                if name in scales:
-                    weight_decay = self.args.weight_decay if name in decay else 0.0
-                    groups.setdefault((scales[name], weight_decay), []).append(param)
+            for name, scale in layer_rate_scales(model, self.layer_lr_decay).items():
+                weight_decay = self.args.weight_decay if name in decayed else 0.0
+                groups.setdefault((scale, weight_decay), []).append(params[name])
             optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             # The head's group first: Trainer logs the first group's rate as learning_rate.
             self.optimizer = optimizer_cls(

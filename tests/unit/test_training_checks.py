@@ -144,7 +144,7 @@ def test_weighted_cross_entropy_weights_each_example_by_its_gold_class():
         per_example.mean().item())
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "pooled"])
 def test_layer_rate_decay_slows_each_layer_below_the_head_by_one_factor(family):
     from transformers import (
         BertConfig,
@@ -153,10 +153,15 @@ def test_layer_rate_decay_slows_each_layer_below_the_head_by_one_factor(family):
         DistilBertForSequenceClassification,
     )
 
+    from pipeline.heads import PooledClassifier, PooledClassifierConfig
+
+    bert = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                      intermediate_size=32)
     if family == "bert":
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-            intermediate_size=32))
+        model = BertForSequenceClassification(bert)
+    elif family == "pooled":  # our head around a BERT body: body.encoder.layer.N
+        model = PooledClassifier(PooledClassifierConfig(
+            body=bert.to_dict(), pooling="mean", hidden_sizes=[8], num_labels=2))
     else:
         model = DistilBertForSequenceClassification(DistilBertConfig(
             vocab_size=50, dim=16, n_layers=3, n_heads=2, hidden_dim=32))
@@ -170,7 +175,8 @@ def test_layer_rate_decay_slows_each_layer_below_the_head_by_one_factor(family):
             assert scale == 0.125, name
         elif ".embeddings." in name:
             assert scale == 0.0625, name
-        elif name.startswith(("classifier.", "pre_classifier.", "bert.pooler.")):
+        elif name.startswith(("classifier.", "pre_classifier.", "bert.pooler.", "head.",
+                              "body.pooler.")):
             assert scale == 1, name
         else:
             assert ".layer.1." in name and scale == 0.25, name
