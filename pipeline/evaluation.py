@@ -118,7 +118,7 @@ def evaluate_model(model_dir: str, raw_dir: str, tokenized_dir: str, metrics_pat
                                       records, names, submission_labels)
                 logger.info("%s: %d predictions (no labels)", name, len(records))
                 continue
-            labels = np.asarray(raw[name][LABEL])
+            labels = raw[name].with_format("arrow")[LABEL].to_numpy()  # not row by row
             predicted = logits[:, 0] if regression else logits.argmax(axis=-1)
             results[name] = {**compute_metrics(labels, predicted, metric_names, len(names)),
                              "examples": int(len(labels))}

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -86,7 +87,7 @@ def tokenize_processes(num_proc: int | str, rows: int, cores: int | None = None,
     return max(1, min(idle, rows // ROWS_PER_PROCESS))
 
 
-def length_stats(untruncated: list[int], max_length: int) -> dict[str, Any]:
+def length_stats(untruncated: Sequence[int] | np.ndarray, max_length: int) -> dict[str, Any]:
     lengths = np.asarray(untruncated)
     if lengths.size == 0:
         return {"examples": 0}
@@ -133,7 +134,10 @@ def tokenize_dataset(raw_dir: str, pretrained_dir: str, out_dir: str, max_length
             new_fingerprint=hashlib.sha256(f"{base}|{name}".encode()).hexdigest()[:16],
             desc=f"tokenize {name}",
         )
-        stats["splits"][name] = length_stats(tokenized[_UNTRUNCATED], max_length)
+        # The Arrow column as one array: a column read as Python values decodes row by row
+        # (0.4 s more than the 2.6 s it takes to tokenize SST-2's 70k sentences here).
+        untruncated = tokenized.with_format("arrow")[_UNTRUNCATED].to_numpy()
+        stats["splits"][name] = length_stats(untruncated, max_length)
         encoded[name] = tokenized.remove_columns(_UNTRUNCATED).rename_column(LABEL, LABELS)
     result = datasets.DatasetDict(encoded)
     stats["columns"] = result["train"].column_names
